@@ -1,0 +1,255 @@
+//! Builds and runs the proxy: listeners, the admin thread, the accept loops, and the drain.
+//!
+//! [`Proxy::bind`] binds every listener (so tests and `tern demo` can use port 0 and read the
+//! real addresses), [`Proxy::run`] serves until the drain signal and the grace period end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::addr::ClientAddr;
+use crate::admin::{self, AdminState};
+use crate::config::ProxyConfig;
+use crate::drain::{Drain, Readiness, Watch};
+use crate::error::CloseReason;
+use crate::forward::Forwarder;
+use crate::metrics::{Metrics, TcpMetrics};
+use crate::transport::listen;
+
+/// A proxy with its listeners bound, not yet serving.
+#[derive(Debug)]
+pub struct Proxy {
+    config: Arc<ProxyConfig>,
+    metrics: Metrics,
+    inbound: TcpListener,
+    outbound: Vec<TcpListener>,
+    admin: std::net::TcpListener,
+}
+
+/// The addresses a bound proxy actually listens on.
+#[derive(Debug, Clone)]
+pub struct ProxyAddrs {
+    pub inbound: SocketAddr,
+    pub outbound: Vec<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+impl Proxy {
+    /// Binds the inbound, outbound and admin listeners. Must be called inside a tokio runtime.
+    pub fn bind(config: ProxyConfig) -> anyhow::Result<Self> {
+        let inbound = listen::bind(config.inbound_addr)
+            .with_context(|| format!("binding the inbound listener on {}", config.inbound_addr))?;
+        let outbound = listen::bind_all(&config.outbound_addrs).with_context(|| {
+            format!(
+                "binding the outbound listeners on {:?}",
+                config.outbound_addrs
+            )
+        })?;
+        let admin = listen::bind(config.admin_addr)
+            .and_then(|l| l.into_std())
+            .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
+        Ok(Proxy {
+            config: Arc::new(config),
+            metrics: Metrics::new(),
+            inbound,
+            outbound,
+            admin,
+        })
+    }
+
+    pub fn addrs(&self) -> anyhow::Result<ProxyAddrs> {
+        Ok(ProxyAddrs {
+            inbound: self.inbound.local_addr()?,
+            outbound: self
+                .outbound
+                .iter()
+                .map(|l| l.local_addr())
+                .collect::<Result<_, _>>()?,
+            admin: self.admin.local_addr()?,
+        })
+    }
+
+    /// Serves until `watch` signals a drain, then drains (see ARCHITECTURE.md, "Shutdown").
+    /// `drain` is handed to the admin server's `/shutdown` when that endpoint is enabled.
+    pub async fn run(self, drain: Drain, watch: Watch) -> anyhow::Result<()> {
+        let addrs = self.addrs()?;
+        let config = self.config;
+        let readiness = Readiness::default();
+        let config_json = serde_json::to_string_pretty(&*config).context("rendering /config")?;
+        tracing::info!(config = %config_json.replace('\n', ""), "effective configuration");
+
+        let (admin_stop, admin_stop_rx) = tokio::sync::oneshot::channel();
+        let admin_thread = admin::spawn(
+            self.admin,
+            AdminState {
+                registry: self.metrics.registry.clone(),
+                readiness: readiness.clone(),
+                config_json: Arc::new(config_json),
+                shutdown: config.enable_shutdown_endpoint.then(|| drain.clone()),
+            },
+            admin_stop_rx,
+        )
+        .context("starting the admin thread")?;
+
+        let own_ports: Vec<u16> = addrs
+            .outbound
+            .iter()
+            .chain([&addrs.inbound, &addrs.admin])
+            .map(|a| a.port())
+            .collect();
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::new();
+        let inbound = Arc::new(crate::inbound::forwarder(config.clone(), own_ports.clone()));
+        loops.push(tokio::spawn(accept_loop(
+            self.inbound,
+            inbound,
+            self.metrics.tcp.clone(),
+            tracker.clone(),
+        )));
+        let outbound = Arc::new(crate::outbound::forwarder(config.clone(), own_ports));
+        for l in self.outbound {
+            loops.push(tokio::spawn(accept_loop(
+                l,
+                outbound.clone(),
+                self.metrics.tcp.clone(),
+                tracker.clone(),
+            )));
+        }
+        readiness.set(true);
+        tracing::info!(
+            inbound = %addrs.inbound,
+            outbound = ?addrs.outbound,
+            admin = %addrs.admin,
+            "proxy serving"
+        );
+
+        let mut w = watch.clone();
+        w.signaled().await;
+        readiness.set(false);
+        tracing::info!(
+            accept_delay = ?config.shutdown_accept_delay,
+            grace = ?config.shutdown_grace_period,
+            "draining: /ready is 503"
+        );
+        tokio::time::sleep(config.shutdown_accept_delay).await;
+        for l in loops {
+            l.abort();
+        }
+        tracker.close();
+        let open = tracker.len();
+        if open > 0 {
+            tracing::info!(open, "waiting for open connections to finish");
+        }
+        if tokio::time::timeout(config.shutdown_grace_period, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "grace period over; closing remaining connections"
+            );
+        }
+        let _ = admin_stop.send(());
+        // The admin thread only needs to notice the stop signal; don't block shutdown on it.
+        drop(admin_thread);
+        tracing::info!("drained");
+        Ok(())
+    }
+}
+
+/// Accepts connections until aborted; each connection becomes a task on `tracker`.
+async fn accept_loop(
+    listener: TcpListener,
+    forwarder: Arc<Forwarder>,
+    tcp: TcpMetrics,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(forwarder.config.max_connections));
+    let direction = forwarder.direction;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning, then keep serving.
+                tracing::warn!(error = %e, ?direction, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let peer = ClientAddr(crate::transport::orig_dst::normalize(peer));
+        let metrics = tcp.conn(direction);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, ?direction, "connection limit reached; closing");
+            metrics.closed(CloseReason::Limit, Duration::ZERO);
+            continue;
+        };
+        let span = tracing::info_span!("conn", dir = ?direction, client = %peer);
+        let forwarder = forwarder.clone();
+        tracker.spawn(
+            async move {
+                forwarder.serve(stream, peer, metrics).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// `tern proxy`: validates the config, builds the runtime, serves until SIGTERM/SIGINT, drains.
+pub fn main(args: &crate::cli::ProxyArgs) -> anyhow::Result<()> {
+    let config = ProxyConfig::from_args(args)?;
+    let rt = runtime(config.workers).context("building the runtime")?;
+    rt.block_on(async move {
+        let proxy = Proxy::bind(config)?;
+        let (drain, watch) = Drain::new();
+        tokio::spawn(signals(drain.clone()));
+        proxy.run(drain, watch).await
+    })
+}
+
+/// One worker: a current-thread runtime (no cross-thread hand-offs). More: multi-threaded.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+}
+
+/// SIGTERM or SIGINT starts the drain; a second one exits at once.
+async fn signals(drain: Drain) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!(
+            "cannot install signal handlers; SIGTERM will kill the proxy without a drain"
+        );
+        return;
+    };
+    loop {
+        // Cancellation safe: Signal::recv only registers interest.
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        if drain.start() {
+            tracing::info!(signal = name, "shutdown signal received; draining");
+        } else {
+            tracing::warn!(signal = name, "second shutdown signal: exiting now");
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The clap tree: every subcommand, every flag, each with a `TERN_*` environment fallback.
+//!
+//! `tern <command> --help` is the reference for operators; the doc comments below are that text.
+//! Parsing produces plain typed structs; cross-field checks live in [`crate::config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::addr::PortRange;
+
+/// tern: a sidecar micro-proxy for Kubernetes service meshes.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar proxy: inbound, outbound and admin listeners.
+    Proxy(Box<ProxyArgs>),
+    /// Install the pod's iptables rules that redirect its TCP traffic through the proxy.
+    Init(InitArgs),
+    /// Run a small mesh on loopback (no root, no iptables) and show what the proxies see.
+    Demo(DemoArgs),
+}
+
+/// Logging, shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter in tracing's `EnvFilter` syntax, e.g. `info` or `tern=debug,info`.
+    #[arg(long = "log", env = "TERN_LOG", default_value = "info", global = true)]
+    pub filter: String,
+
+    /// Log line format.
+    #[arg(
+        long = "log-format",
+        env = "TERN_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Plain,
+        global = true
+    )]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// Flags of `tern proxy`.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Addresses of the outbound listener, where iptables redirects the app's outbound TCP.
+    /// Comma-separated; an IPv6 address that cannot be bound (IPv6 disabled) is skipped with a warning.
+    #[arg(
+        long,
+        env = "TERN_OUTBOUND_ADDRS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:4140,[::1]:4140"
+    )]
+    pub outbound_addrs: Vec<SocketAddr>,
+
+    /// Address of the inbound listener, where iptables redirects the pod's inbound TCP.
+    /// `[::]` falls back to `0.0.0.0` where IPv6 is disabled.
+    #[arg(long, env = "TERN_INBOUND_ADDR", default_value = "[::]:4143")]
+    pub inbound_addr: SocketAddr,
+
+    /// Address of the admin server (/live, /ready, /metrics, /config, /shutdown).
+    /// `[::]` falls back to `0.0.0.0` where IPv6 is disabled.
+    #[arg(long, env = "TERN_ADMIN_ADDR", default_value = "[::]:4191")]
+    pub admin_addr: SocketAddr,
+
+    /// Explicit mode, outbound: forward every connection accepted by the outbound listener to this
+    /// address instead of its iptables original destination. For running without iptables
+    /// (`tern demo`, VMs, a laptop).
+    #[arg(long, env = "TERN_OUTBOUND_TARGET")]
+    pub outbound_target: Option<SocketAddr>,
+
+    /// Explicit mode, inbound: forward every connection accepted by the inbound listener to this
+    /// address (the app) instead of its iptables original destination.
+    #[arg(long, env = "TERN_INBOUND_TARGET")]
+    pub inbound_target: Option<SocketAddr>,
+
+    /// Time allowed to establish a TCP connection to a destination.
+    #[arg(long, env = "TERN_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub connect_timeout: Duration,
+
+    /// Size of each per-direction copy buffer of an opaque TCP connection, in bytes (1024..=1048576).
+    /// A slow reader stops the copy once this buffer is full: memory per connection stays bounded.
+    #[arg(long, env = "TERN_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    pub buffer_size: usize,
+
+    /// Maximum concurrent connections per listener; further connections are accepted and closed
+    /// at once (counted with reason `limit`).
+    #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// After SIGTERM, how long listeners keep accepting before they close (lets endpoint removal
+    /// propagate through the cluster). `/ready` reports 503 during this time.
+    #[arg(long, env = "TERN_SHUTDOWN_ACCEPT_DELAY", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub shutdown_accept_delay: Duration,
+
+    /// After SIGTERM, how long open connections may take to finish before the proxy exits anyway.
+    #[arg(long, env = "TERN_SHUTDOWN_GRACE_PERIOD", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub shutdown_grace_period: Duration,
+
+    /// Serve `POST /shutdown` on the admin port (loopback clients only) to start a graceful shutdown.
+    #[arg(long, env = "TERN_ENABLE_SHUTDOWN_ENDPOINT")]
+    pub enable_shutdown_endpoint: bool,
+
+    /// Data-path worker threads. 1 (the default) runs a single-threaded runtime: a sidecar usually
+    /// gets one core, and one thread avoids cross-thread hand-offs. The admin server always has
+    /// its own thread.
+    #[arg(long, env = "TERN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+}
+
+/// Flags of `tern init`.
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// UID the proxy runs as; its own traffic is never redirected.
+    #[arg(long, env = "TERN_PROXY_UID", default_value_t = 2102)]
+    pub proxy_uid: u32,
+
+    /// Port of the proxy's inbound listener.
+    #[arg(long, env = "TERN_INBOUND_PORT", default_value_t = 4143)]
+    pub inbound_port: u16,
+
+    /// Port of the proxy's outbound listener.
+    #[arg(long, env = "TERN_OUTBOUND_PORT", default_value_t = 4140)]
+    pub outbound_port: u16,
+
+    /// Port of the proxy's admin server; never redirected.
+    #[arg(long, env = "TERN_ADMIN_PORT", default_value_t = 4191)]
+    pub admin_port: u16,
+
+    /// Inbound ports not redirected to the proxy (comma-separated ports or ranges, e.g. `22,9000-9100`).
+    #[arg(long, env = "TERN_SKIP_INBOUND_PORTS", value_delimiter = ',')]
+    pub skip_inbound_ports: Vec<PortRange>,
+
+    /// Outbound destination ports not redirected to the proxy (ports or ranges).
+    #[arg(long, env = "TERN_SKIP_OUTBOUND_PORTS", value_delimiter = ',')]
+    pub skip_outbound_ports: Vec<PortRange>,
+
+    /// Outbound destination networks not redirected to the proxy (CIDRs, IPv4 or IPv6).
+    #[arg(long, env = "TERN_SKIP_SUBNETS", value_delimiter = ',')]
+    pub skip_subnets: Vec<IpNet>,
+
+    /// Which IP families get rules.
+    #[arg(long, env = "TERN_IP_FAMILIES", value_enum, default_value_t = IpFamilies::Dual)]
+    pub ip_families: IpFamilies,
+
+    /// iptables backend; `auto` uses nft when the kernel and binaries support it, else legacy.
+    #[arg(long, env = "TERN_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+
+    /// Print the rules that would be applied (iptables-restore input) and change nothing.
+    #[arg(long, env = "TERN_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IpFamilies {
+    /// IPv4 and IPv6 (IPv6 is skipped with a warning where the kernel has it disabled).
+    Dual,
+    /// IPv4 only.
+    V4,
+    /// IPv6 only.
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// Detect: nft when it works here, else legacy.
+    Auto,
+    /// `iptables-nft-restore` / `ip6tables-nft-restore`.
+    Nft,
+    /// `iptables-legacy-restore` / `ip6tables-legacy-restore`.
+    Legacy,
+}
+
+/// Flags of `tern demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// How long to push traffic through the mesh.
+    #[arg(long, env = "TERN_DEMO_DURATION", value_parser = humantime::parse_duration, default_value = "3s")]
+    pub duration: Duration,
+
+    /// Concurrent client connections.
+    #[arg(long, env = "TERN_DEMO_CONNECTIONS", default_value_t = 4)]
+    pub connections: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_defaults_match_design_ports() {
+        let cli = Cli::try_parse_from(["tern", "proxy"]).expect("defaults parse");
+        let Command::Proxy(args) = cli.command else {
+            panic!("expected proxy");
+        };
+        assert_eq!(args.inbound_addr.port(), 4143);
+        assert_eq!(args.admin_addr.port(), 4191);
+        assert_eq!(args.outbound_addrs.len(), 2);
+        assert!(
+            args.outbound_addrs
+                .iter()
+                .all(|a| a.port() == 4140 && a.ip().is_loopback())
+        );
+        assert_eq!(args.connect_timeout, Duration::from_secs(1));
+        assert_eq!(args.shutdown_grace_period, Duration::from_secs(30));
+        assert!(!args.enable_shutdown_endpoint);
+    }
+
+    #[test]
+    fn bad_duration_names_the_flag() {
+        let err = Cli::try_parse_from(["tern", "proxy", "--connect-timeout", "soon"])
+            .expect_err("must fail");
+        assert!(err.to_string().contains("--connect-timeout"), "{err}");
+    }
+
+    #[test]
+    fn init_parses_ports_and_subnets() {
+        let cli = Cli::try_parse_from([
+            "tern",
+            "init",
+            "--skip-inbound-ports",
+            "22,9000-9100",
+            "--skip-subnets",
+            "198.18.0.0/15,2001:db8::/32",
+        ])
+        .expect("parses");
+        let Command::Init(args) = cli.command else {
+            panic!("expected init");
+        };
+        assert_eq!(args.skip_inbound_ports.len(), 2);
+        assert_eq!(args.skip_subnets.len(), 2);
+    }
+
+    #[test]
+    fn init_rejects_bad_port_and_cidr() {
+        let err = Cli::try_parse_from(["tern", "init", "--skip-inbound-ports", "70000"])
+            .expect_err("port out of range");
+        assert!(err.to_string().contains("--skip-inbound-ports"), "{err}");
+        let err = Cli::try_parse_from(["tern", "init", "--skip-subnets", "10.0.0/8"])
+            .expect_err("bad cidr");
+        assert!(err.to_string().contains("--skip-subnets"), "{err}");
+    }
+}

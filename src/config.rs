@@ -1,0 +1,203 @@
+//! Typed, validated proxy configuration built from the CLI, with cross-field checks.
+//!
+//! The effective config is logged at start-up and served as JSON at `/config`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::ProxyArgs;
+
+/// A configuration value the proxy refuses, naming the flag and its environment variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--buffer-size (TERN_BUFFER_SIZE) must be between 1024 and 1048576 bytes, got {0}")]
+    BufferSize(usize),
+    #[error("--workers (TERN_WORKERS) must be between 1 and 64, got {0}")]
+    Workers(usize),
+    #[error("--max-connections (TERN_MAX_CONNECTIONS) must be between 1 and 1000000, got {0}")]
+    MaxConnections(usize),
+    #[error("--connect-timeout (TERN_CONNECT_TIMEOUT) must be between 1ms and 60s, got {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("--outbound-addrs (TERN_OUTBOUND_ADDRS) must name at least one address")]
+    NoOutboundAddrs,
+    #[error("--{flag} ({env}) {addr} is one of the proxy's own listeners: that would be a loop")]
+    TargetIsSelf {
+        flag: &'static str,
+        env: &'static str,
+        addr: SocketAddr,
+    },
+}
+
+/// How a listener finds where to send a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "target")]
+pub enum TargetMode {
+    /// Transparent: the iptables original destination (`SO_ORIGINAL_DST`).
+    OrigDst,
+    /// Explicit mode: every connection goes to this address.
+    Fixed(SocketAddr),
+}
+
+/// The proxy's effective configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyConfig {
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub outbound_target: TargetMode,
+    pub inbound_target: TargetMode,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    pub buffer_size: usize,
+    pub max_connections: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_accept_delay: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace_period: Duration,
+    pub enable_shutdown_endpoint: bool,
+    pub workers: usize,
+}
+
+impl ProxyConfig {
+    pub fn from_args(a: &ProxyArgs) -> Result<Self, ConfigError> {
+        if !(1024..=1024 * 1024).contains(&a.buffer_size) {
+            return Err(ConfigError::BufferSize(a.buffer_size));
+        }
+        if !(1..=64).contains(&a.workers) {
+            return Err(ConfigError::Workers(a.workers));
+        }
+        if !(1..=1_000_000).contains(&a.max_connections) {
+            return Err(ConfigError::MaxConnections(a.max_connections));
+        }
+        if a.connect_timeout < Duration::from_millis(1)
+            || a.connect_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::ConnectTimeout(a.connect_timeout));
+        }
+        if a.outbound_addrs.is_empty() {
+            return Err(ConfigError::NoOutboundAddrs);
+        }
+        let own: Vec<SocketAddr> = a
+            .outbound_addrs
+            .iter()
+            .copied()
+            .chain([a.inbound_addr, a.admin_addr])
+            .filter(|l| l.port() != 0)
+            .collect();
+        let is_self = |t: SocketAddr| {
+            own.iter().any(|l| {
+                l.port() == t.port()
+                    && (l.ip() == t.ip() || l.ip().is_unspecified() || t.ip().is_unspecified())
+            })
+        };
+        if let Some(t) = a.outbound_target.filter(|t| is_self(*t)) {
+            return Err(ConfigError::TargetIsSelf {
+                flag: "outbound-target",
+                env: "TERN_OUTBOUND_TARGET",
+                addr: t,
+            });
+        }
+        if let Some(t) = a.inbound_target.filter(|t| is_self(*t)) {
+            return Err(ConfigError::TargetIsSelf {
+                flag: "inbound-target",
+                env: "TERN_INBOUND_TARGET",
+                addr: t,
+            });
+        }
+        let mode = |t: Option<SocketAddr>| t.map_or(TargetMode::OrigDst, TargetMode::Fixed);
+        Ok(ProxyConfig {
+            outbound_addrs: a.outbound_addrs.clone(),
+            inbound_addr: a.inbound_addr,
+            admin_addr: a.admin_addr,
+            outbound_target: mode(a.outbound_target),
+            inbound_target: mode(a.inbound_target),
+            connect_timeout: a.connect_timeout,
+            buffer_size: a.buffer_size,
+            max_connections: a.max_connections,
+            shutdown_accept_delay: a.shutdown_accept_delay,
+            shutdown_grace_period: a.shutdown_grace_period,
+            enable_shutdown_endpoint: a.enable_shutdown_endpoint,
+            workers: a.workers,
+        })
+    }
+}
+
+/// Durations serialized as humantime strings (`"1s"`, `"30s"`) in `/config`.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<ProxyConfig, ConfigError> {
+        let mut argv = vec!["tern", "proxy"];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv).expect("clap parses");
+        let Command::Proxy(args) = cli.command else {
+            panic!("expected proxy");
+        };
+        ProxyConfig::from_args(&args)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).expect("valid");
+        assert_eq!(c.outbound_target, TargetMode::OrigDst);
+        assert_eq!(c.buffer_size, 16 * 1024);
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let e = parse(&["--buffer-size", "10"]).expect_err("too small");
+        assert!(e.to_string().contains("--buffer-size"));
+        let e = parse(&["--workers", "0"]).expect_err("zero workers");
+        assert!(e.to_string().contains("--workers"));
+        let e = parse(&["--max-connections", "0"]).expect_err("zero means nothing, not unlimited");
+        assert!(e.to_string().contains("--max-connections"));
+        let e = parse(&["--connect-timeout", "0s"]).expect_err("zero timeout");
+        assert!(e.to_string().contains("--connect-timeout"));
+    }
+
+    #[test]
+    fn explicit_target_on_own_listener_is_a_loop() {
+        let e = parse(&["--outbound-target", "127.0.0.1:4140"]).expect_err("loop");
+        assert!(matches!(
+            e,
+            ConfigError::TargetIsSelf {
+                flag: "outbound-target",
+                ..
+            }
+        ));
+        let e = parse(&["--inbound-target", "198.18.0.1:4143"]).expect_err("loop via [::]");
+        assert!(matches!(
+            e,
+            ConfigError::TargetIsSelf {
+                flag: "inbound-target",
+                ..
+            }
+        ));
+        let c = parse(&["--inbound-target", "127.0.0.1:8080"]).expect("valid");
+        assert_eq!(
+            c.inbound_target,
+            TargetMode::Fixed("127.0.0.1:8080".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn config_serializes_for_admin() {
+        let c = parse(&[]).expect("valid");
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["connect_timeout"], "1s");
+        assert_eq!(json["outbound_target"]["mode"], "orig_dst");
+    }
+}
