@@ -253,3 +253,148 @@ async fn signals(drain: Drain) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TargetMode;
+    use crate::demo::{http_get, metric_value};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn config(inbound_target: Option<SocketAddr>, shutdown: bool) -> ProxyConfig {
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        ProxyConfig {
+            outbound_addrs: vec![any],
+            inbound_addr: any,
+            admin_addr: any,
+            outbound_target: TargetMode::OrigDst,
+            inbound_target: inbound_target.map_or(TargetMode::OrigDst, TargetMode::Fixed),
+            connect_timeout: Duration::from_secs(1),
+            buffer_size: 4096,
+            max_connections: 2,
+            shutdown_accept_delay: Duration::ZERO,
+            shutdown_grace_period: Duration::from_secs(5),
+            enable_shutdown_endpoint: shutdown,
+            workers: 1,
+        }
+    }
+
+    async fn post(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect admin");
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_endpoints_answer_per_contract() {
+        let proxy = Proxy::bind(config(None, false)).expect("bind");
+        let addrs = proxy.addrs().expect("addrs");
+        let (drain, watch) = Drain::new();
+        let task = tokio::spawn(proxy.run(drain.clone(), watch));
+        // /ready turns 200 once the accept loops run.
+        let mut ready = 0;
+        for _ in 0..100 {
+            ready = http_get(addrs.admin, "/ready").await.expect("ready").0;
+            if ready == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ready, 200);
+        assert_eq!(http_get(addrs.admin, "/live").await.expect("live").0, 200);
+        assert_eq!(http_get(addrs.admin, "/nope").await.expect("404").0, 404);
+        let (status, body) = http_get(addrs.admin, "/config").await.expect("config");
+        assert_eq!(status, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).expect("config is JSON");
+        assert_eq!(json["buffer_size"], 4096);
+        let resp = post(addrs.admin, "/metrics").await;
+        assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+        assert!(resp.to_ascii_lowercase().contains("allow: get"), "{resp}");
+        let resp = post(addrs.admin, "/shutdown").await;
+        assert!(
+            resp.starts_with("HTTP/1.1 403"),
+            "disabled by default: {resp}"
+        );
+        assert!(!task.is_finished());
+        drain.start();
+        task.await.expect("join").expect("run ok");
+    }
+
+    #[tokio::test]
+    async fn explicit_mode_forwards_counts_and_limits() {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("app");
+        let app_addr = app.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = app.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf).await;
+                    let _ = s.write_all(&buf).await;
+                });
+            }
+        });
+        let proxy = Proxy::bind(config(Some(app_addr), true)).expect("bind");
+        let addrs = proxy.addrs().expect("addrs");
+        let (drain, watch) = Drain::new();
+        let task = tokio::spawn(proxy.run(drain, watch));
+
+        let mut c = TcpStream::connect(addrs.inbound).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        c.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.expect("read");
+        assert_eq!(
+            back, b"ping",
+            "response arrives after the client's half-close"
+        );
+
+        // Two held connections fill --max-connections=2; a third is closed with reason=limit.
+        let mut held1 = TcpStream::connect(addrs.inbound).await.expect("held1");
+        let mut held2 = TcpStream::connect(addrs.inbound).await.expect("held2");
+        held1.write_all(b"a").await.expect("w1");
+        held2.write_all(b"b").await.expect("w2");
+        let mut over = TcpStream::connect(addrs.inbound).await.expect("over");
+        let mut buf = [0u8; 1];
+        let n = over.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "over-limit connection is closed");
+
+        let metrics = http_get(addrs.admin, "/metrics").await.expect("metrics").1;
+        let closed = |reason: &str| {
+            metric_value(
+                &metrics,
+                "tern_tcp_connections_closed_total",
+                &format!("reason=\"{reason}\""),
+            )
+        };
+        assert_eq!(closed("eof"), 1.0, "{metrics}");
+        assert_eq!(closed("limit"), 1.0, "{metrics}");
+        assert_eq!(
+            metric_value(&metrics, "tern_tcp_read_bytes_total", "inbound"),
+            6.0
+        );
+
+        // POST /shutdown from loopback drains; held connections finish within the grace period.
+        let resp = post(addrs.admin, "/shutdown").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(http_get(addrs.admin, "/ready").await.expect("ready").0, 503);
+        assert!(
+            TcpStream::connect(addrs.inbound).await.is_err(),
+            "listener closed"
+        );
+        held1.shutdown().await.expect("close held1");
+        held2.shutdown().await.expect("close held2");
+        let mut rest = Vec::new();
+        held1.read_to_end(&mut rest).await.expect("held1 answer");
+        assert_eq!(rest, b"a");
+        task.await.expect("join").expect("run ok");
+    }
+}
