@@ -32,4 +32,5 @@ pub mod init;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod tls;
 pub mod transport;
