@@ -86,25 +86,12 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 }
 
 fn loopback_config(outbound: TargetMode, inbound: TargetMode) -> ProxyConfig {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let fixed = |t: TargetMode| match t {
-        TargetMode::Fixed(a) => Some(a),
-        TargetMode::OrigDst => None,
-    };
-    ProxyConfig {
-        outbound_addrs: vec![any],
-        inbound_addr: any,
-        admin_addr: any,
-        outbound_target: fixed(outbound).map_or(TargetMode::OrigDst, TargetMode::Fixed),
-        inbound_target: fixed(inbound).map_or(TargetMode::OrigDst, TargetMode::Fixed),
-        connect_timeout: Duration::from_secs(1),
-        buffer_size: 16 * 1024,
-        max_connections: 1000,
-        shutdown_accept_delay: Duration::ZERO,
-        shutdown_grace_period: Duration::from_secs(5),
-        enable_shutdown_endpoint: false,
-        workers: 1,
-    }
+    let mut c = ProxyConfig::loopback();
+    c.outbound_target = outbound;
+    c.inbound_target = inbound;
+    c.max_connections = 1000;
+    c.shutdown_grace_period = Duration::from_secs(5);
+    c
 }
 
 async fn spawn_echo_app() -> anyhow::Result<SocketAddr> {
