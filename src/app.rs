@@ -100,6 +100,8 @@ impl Proxy {
         let tern = registry.sub_registry_with_prefix("tern");
         let tcp = TcpMetrics::register(tern);
         let mesh_metrics = MeshMetrics::register(tern);
+        let detect_metrics = crate::detect::DetectMetrics::register(tern);
+        let http_metrics = crate::layers::http_metrics::HttpMetrics::register(tern);
         let identity_metrics = IdentityMetrics::register(tern);
         let identity = match (identity, &config.identity_dir) {
             (Some(id), _) => Some(IdentityStore::new(
@@ -152,6 +154,9 @@ impl Proxy {
         let inbound = Arc::new(Inbound {
             config: config.clone(),
             tcp: tcp.clone(),
+            detect: detect_metrics.clone(),
+            http: http_metrics.clone(),
+            upstreams: crate::http::client::Upstreams::new(config.connect_timeout),
             mesh: mesh_metrics.clone(),
             policy,
             identity: identity.clone(),
@@ -162,6 +167,10 @@ impl Proxy {
         let outbound = Arc::new(Outbound::new(
             config.clone(),
             tcp,
+            crate::outbound::OutboundMetrics {
+                detect: detect_metrics,
+                http: http_metrics,
+            },
             discovery.as_ref().map(|(d, _, _)| d.clone()),
             identity
                 .clone()

@@ -172,6 +172,15 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_INBOUND_POLICY", value_delimiter = ',')]
     pub inbound_policy: Vec<PortRule>,
 
+    /// How long to wait for a connection's first bytes before treating it as opaque TCP.
+    #[arg(long, env = "TERN_DETECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub detect_timeout: Duration,
+
+    /// Ports served as opaque TCP without protocol detection, in addition to the built-in
+    /// server-speaks-first list (25, 587, 3306, 4444, 5432, 6379, 9300, 11211). Ports or ranges.
+    #[arg(long, env = "TERN_OPAQUE_PORTS", value_delimiter = ',')]
+    pub opaque_ports: Vec<PortRange>,
+
     /// This pod's name (downward API), for logs and /config.
     #[arg(long, env = "TERN_POD_NAME")]
     pub pod_name: Option<String>,

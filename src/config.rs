@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::addr::PortRange;
 use crate::cli::ProxyArgs;
 use crate::inbound::policy::{DefaultPolicy, PortRule};
 
@@ -23,6 +24,8 @@ pub enum ConfigError {
     MaxConnections(usize),
     #[error("--connect-timeout (TERN_CONNECT_TIMEOUT) must be between 1ms and 60s, got {0:?}")]
     ConnectTimeout(Duration),
+    #[error("--detect-timeout (TERN_DETECT_TIMEOUT) must be between 1ms and 300s, got {0:?}")]
+    DetectTimeout(Duration),
     #[error("--probe-timeout (TERN_PROBE_TIMEOUT) must be between 1ms and 10s, got {0:?}")]
     ProbeTimeout(Duration),
     #[error("--{flag} ({env}) must be at least 10ms, got {value:?}")]
@@ -87,6 +90,9 @@ pub struct ProxyConfig {
     pub require_mtls: bool,
     pub default_inbound_policy: DefaultPolicy,
     pub inbound_policy: Vec<PortRule>,
+    #[serde(with = "humantime_serde_compat")]
+    pub detect_timeout: Duration,
+    pub opaque_ports: Vec<PortRange>,
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
     pub service_account: Option<String>,
@@ -130,6 +136,11 @@ impl ProxyConfig {
                     value: d,
                 });
             }
+        }
+        if a.detect_timeout < Duration::from_millis(1)
+            || a.detect_timeout > Duration::from_secs(300)
+        {
+            return Err(ConfigError::DetectTimeout(a.detect_timeout));
         }
         if a.require_mtls && a.identity_dir.is_none() {
             return Err(ConfigError::RequireMtlsWithoutIdentity);
@@ -188,6 +199,8 @@ impl ProxyConfig {
             require_mtls: a.require_mtls,
             default_inbound_policy: a.default_inbound_policy,
             inbound_policy: a.inbound_policy.clone(),
+            detect_timeout: a.detect_timeout,
+            opaque_ports: a.opaque_ports.clone(),
             pod_name: a.pod_name.clone(),
             pod_namespace: a.pod_namespace.clone(),
             service_account: a.service_account.clone(),
@@ -196,6 +209,12 @@ impl ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// Whether `port` skips protocol detection (server-speaks-first).
+    pub fn is_opaque_port(&self, port: u16) -> bool {
+        crate::detect::DEFAULT_OPAQUE_PORTS.contains(&port)
+            || self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+
     /// The defaults with every listener on `127.0.0.1:0` (tests and `tern demo`).
     pub fn loopback() -> Self {
         use clap::Parser;

@@ -1,32 +1,40 @@
 //! The inbound pipeline: connections from other pods to this pod's app.
 //!
 //! ```text
-//!                      ┌─ orig dst port ≠ 4143: app traffic ─▶ policy(port, no id) ─▶ connect app ─▶ copy
+//!                      ┌─ orig dst port ≠ 4143: app traffic ─▶ policy(port, no id) ─▶ detect
+//!                      │     HTTP ─▶ http::serve_plain (per request to the app) | other ─▶ copy
 //! peer ─▶ :4143 accept ┤
 //!                      └─ orig dst port = 4143 (or direct): mesh ─▶ TLS accept, verify client
 //!                            ─▶ mesh::server: per CONNECT stream ─▶ policy(port, client id) ─▶ connect app ─▶ copy
+//!                                             per HTTP stream    ─▶ http::from_mesh ─▶ app
 //! ```
 //!
 //! In explicit mode (`--inbound-target`) the app is the fixed target; a direct connection is a
 //! mesh connection when it opens with a TLS handshake, and plain app traffic otherwise.
 //! Metrics: `tern_tcp_*{direction="inbound"}`, `tern_inbound_authz_total`, `tern_mesh_*`.
 
+pub mod http;
 pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::{ProxyConfig, TargetMode};
+use crate::detect::{self, DetectMetrics, Detected, HttpVersion, Protocol};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
+use crate::http::client::Upstreams;
+use crate::layers::http_metrics::HttpMetrics;
 use crate::mesh::MeshMetrics;
 use crate::metrics::{Direction, TcpLabels, TcpMetrics};
 use crate::tls::IdentityStore;
+use crate::transport::prefixed::PrefixedIo;
 use policy::Policy;
 
 /// Time a mesh client has to complete its TLS handshake.
@@ -37,6 +45,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Inbound {
     pub config: Arc<ProxyConfig>,
     pub tcp: TcpMetrics,
+    pub detect: DetectMetrics,
+    pub http: HttpMetrics,
+    /// Pooled HTTP clients to the app's ports.
+    pub upstreams: Upstreams,
     pub mesh: MeshMetrics,
     pub policy: Policy,
     /// None: no identity configured; mesh connections are refused.
@@ -68,7 +80,7 @@ impl Inbound {
             }
         };
         match kind {
-            Kind::App(dst) => self.serve_app(stream, dst, started).await,
+            Kind::App(dst) => self.clone().serve_app(stream, dst, started).await,
             Kind::Mesh => self.serve_mesh(stream, client).await,
         }
     }
@@ -93,14 +105,48 @@ impl Inbound {
         }
     }
 
-    async fn serve_app(&self, mut stream: TcpStream, dst: OrigDstAddr, started: Instant) {
-        let metrics = self.tcp.conn(TcpLabels::plain(Direction::inbound));
-        let result = async {
-            self.policy.authorize(dst.0.port(), None)?;
-            stream.set_nodelay(true)?;
-            forward::plain(&mut stream, dst, &self.config, &forward::counters(&metrics)).await
+    async fn serve_app(self: Arc<Self>, stream: TcpStream, dst: OrigDstAddr, started: Instant) {
+        if let Err(denied) = self.policy.authorize(dst.0.port(), None) {
+            let e = ConnError::from(denied);
+            forward::log_failure(&e);
+            self.tcp.refused(Direction::inbound, e.reason());
+            return;
         }
-        .await;
+        let _ = stream.set_nodelay(true);
+        let mut io = if self.config.is_opaque_port(dst.0.port()) {
+            self.detect
+                .record(Direction::inbound, Protocol::opaque_port, Duration::ZERO);
+            PrefixedIo::new(Bytes::new(), stream)
+        } else {
+            match detect::detect(stream, self.config.detect_timeout).await {
+                Ok((Detected::Http(io, version), took)) => {
+                    let protocol = match version {
+                        HttpVersion::H1 => Protocol::http1,
+                        HttpVersion::H2 => Protocol::http2,
+                    };
+                    self.detect.record(Direction::inbound, protocol, took);
+                    http::serve_plain(self.clone(), io, version, dst).await;
+                    return;
+                }
+                Ok((Detected::Opaque(io), took)) => {
+                    self.detect
+                        .record(Direction::inbound, Protocol::opaque, took);
+                    io
+                }
+                Ok((Detected::TimedOut(io), took)) => {
+                    self.detect
+                        .record(Direction::inbound, Protocol::timeout, took);
+                    io
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "client went away during detection");
+                    self.tcp.refused(Direction::inbound, CloseReason::IoError);
+                    return;
+                }
+            }
+        };
+        let metrics = self.tcp.conn(TcpLabels::plain(Direction::inbound));
+        let result = forward::plain(&mut io, dst, &self.config, &forward::counters(&metrics)).await;
         forward::finish(metrics, started, result);
     }
 

@@ -13,9 +13,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use super::{CONNECTION_WINDOW, MeshMetrics, OpenGuard, PROXY_ERROR_HEADER, STREAM_WINDOW};
 use crate::addr::OrigDstAddr;
 use crate::error::CloseReason;
+use crate::http::{BoxBody, empty};
 use crate::metrics::Direction;
 use crate::tls::{ExpectedServer, IdentityStore, MESH_ALPN, PeerId};
 
@@ -89,7 +89,7 @@ pub struct Tunnel {
     pub server_id: PeerId,
 }
 
-type Sender = http2::SendRequest<Empty<Bytes>>;
+type Sender = http2::SendRequest<BoxBody>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -141,7 +141,7 @@ impl MeshClient {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.0.to_string())
-            .body(Empty::new())
+            .body(empty())
             .expect("a CONNECT request to a socket address is always valid");
         let resp = sender
             .send_request(req)
@@ -170,8 +170,23 @@ impl MeshClient {
         })
     }
 
-    /// A ready pooled connection to `addr`, made if needed.
-    async fn connection(
+    /// Sends an HTTP request over the pooled connection to `addr` (made if needed).
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        expected: ExpectedServer,
+        req: Request<BoxBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, MeshError> {
+        let (mut sender, _) = self.connection(addr, expected, connect_timeout).await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| MeshError::Http2(addr, e))
+    }
+
+    /// A ready pooled connection to `addr`, made if needed; also the probe of a mesh port.
+    pub async fn connection(
         &self,
         addr: SocketAddr,
         expected: ExpectedServer,

@@ -8,13 +8,13 @@
 //! Each stream is counted as an inbound TCP connection with `tls="true"` and its `client_id`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{CONNECTION_WINDOW, MAX_STREAMS, PROXY_ERROR_HEADER, STREAM_WINDOW};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
+use crate::http::{BoxBody, empty};
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, TcpLabels, Tls};
 use crate::tls::PeerId;
@@ -39,7 +40,9 @@ where
     let svc = service_fn(move |req| {
         let inbound = inbound.clone();
         let client_id = client_id.clone();
-        async move { Ok::<_, Infallible>(stream(req, &client_id, local_ip, inbound).await) }
+        let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> =
+            Box::pin(async move { Ok(stream(req, client_id, local_ip, inbound).await) });
+        fut
     });
     let result = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -57,12 +60,12 @@ where
 
 async fn stream(
     mut req: Request<Incoming>,
-    client_id: &PeerId,
+    client_id: Arc<PeerId>,
     local_ip: IpAddr,
     inbound: Arc<Inbound>,
-) -> Response<Empty<Bytes>> {
+) -> Response<BoxBody> {
     if req.method() != Method::CONNECT {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "not_connect");
+        return crate::inbound::http::from_mesh(inbound, req, client_id, local_ip).await;
     }
     let Some(port) = req.uri().port_u16() else {
         return refuse(StatusCode::BAD_REQUEST, "bad_target");
@@ -121,11 +124,11 @@ async fn stream(
         };
         forward::finish(metrics, started, result);
     });
-    Response::new(Empty::new())
+    Response::new(empty())
 }
 
-fn refuse(status: StatusCode, why: &'static str) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn refuse(status: StatusCode, why: &'static str) -> Response<BoxBody> {
+    let mut r = Response::new(empty());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(PROXY_ERROR_HEADER, http::HeaderValue::from_static(why));

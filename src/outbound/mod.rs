@@ -1,7 +1,9 @@
 //! The outbound pipeline: connections from this pod's app to anywhere.
 //!
 //! ```text
-//! app ─▶ :4140 accept ─▶ destination (orig dst | explicit) ─▶ loop check ─▶ route
+//! app ─▶ :4140 accept ─▶ destination (orig dst | explicit) ─▶ loop check ─▶ route ─▶ detect
+//!   detect: HTTP/1 or HTTP/2 ─▶ http::serve (per request: metrics ─▶ proxy ─▶ mesh or plain)
+//!           anything else    ─▶ one tunnel or one plain connection, bytes copied both ways
 //!   route: discovery knows it ─▶ endpoint with identity ─▶ mesh tunnel (mTLS, exact identity)
 //!                              └▶ endpoint without identity ─▶ plain
 //!          unknown, in --cluster-networks ─▶ probe <ip>:4143 ─▶ meshed ─▶ mesh tunnel (trust domain)
@@ -17,21 +19,35 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::ProxyConfig;
+use crate::detect::{self, DetectMetrics, Detected, HttpVersion, Protocol};
 use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint};
-use crate::error::ConnError;
+use crate::error::{CloseReason, ConnError};
 use crate::forward;
+use crate::http::client::Upstreams;
+use crate::layers::http_metrics::HttpMetrics;
 use crate::mesh::ProbeResult;
-use crate::mesh::client::{MeshClient, MeshError, Tunnel};
+use crate::mesh::client::{MeshClient, MeshError};
 use crate::metrics::{Direction, TcpLabels, TcpMetrics, Tls};
 use crate::tls::ExpectedServer;
 use crate::transport::copy::copy_bidirectional;
+use crate::transport::prefixed::PrefixedIo;
+
+pub mod http;
+
+/// Metrics of the outbound pipeline beyond TCP.
+#[derive(Debug, Clone)]
+pub struct OutboundMetrics {
+    pub detect: DetectMetrics,
+    pub http: HttpMetrics,
+}
 
 /// Bound on remembered not-meshed destinations; expired entries are pruned when it is reached.
 const NEGATIVE_CACHE_MAX: usize = 4096;
@@ -41,7 +57,10 @@ const NEGATIVE_CACHE_MAX: usize = 4096;
 pub struct Outbound {
     pub config: Arc<ProxyConfig>,
     pub tcp: TcpMetrics,
+    pub metrics: OutboundMetrics,
     pub discovery: Option<Discovery>,
+    /// Pooled plaintext HTTP clients, per destination.
+    pub upstreams: Upstreams,
     /// None: no identity configured; everything goes out in plaintext.
     pub mesh: Option<MeshClient>,
     /// The proxy's own ports: an original destination on one of them (locally) is a loop.
@@ -52,23 +71,40 @@ pub struct Outbound {
     next: AtomicUsize,
 }
 
-/// How one connection leaves the proxy.
-enum Route {
+/// Where one connection (or its requests) goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Plaintext to this address.
     Plain(OrigDstAddr),
-    Mesh(Tunnel),
+    /// Through the peer proxy at `addr`, which must prove `expected`, to `target` in its pod.
+    Mesh {
+        addr: SocketAddr,
+        expected: ExpectedServer,
+        target: OrigDstAddr,
+    },
+}
+
+/// A routed destination: the target and, when discovery knows it, the service name.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub target: Target,
+    pub service: Option<String>,
 }
 
 impl Outbound {
     pub fn new(
         config: Arc<ProxyConfig>,
         tcp: TcpMetrics,
+        metrics: OutboundMetrics,
         discovery: Option<Discovery>,
         mesh: Option<MeshClient>,
         own_ports: Vec<u16>,
     ) -> Self {
         Outbound {
+            upstreams: Upstreams::new(config.connect_timeout),
             config,
             tcp,
+            metrics,
             discovery,
             mesh,
             own_ports,
@@ -78,19 +114,20 @@ impl Outbound {
     }
 
     /// Serves one accepted connection to completion.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, client: ClientAddr) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, client: ClientAddr) {
         let started = Instant::now();
-        let route = async {
+        let routed = async {
             let dst = forward::destination(&stream, self.config.outbound_target)?
                 .ok_or(ConnError::NoOrigDst)?;
             if forward::is_loop(Direction::outbound, &self.own_ports, dst) {
                 return Err(ConnError::Loop(dst));
             }
-            tracing::debug!(%client, %dst, "routing");
-            self.route(dst).await
+            let routed = self.route(dst).await?;
+            tracing::debug!(%client, %dst, target = ?routed.target, "routed");
+            Ok((dst, routed))
         }
         .await;
-        let route = match route {
+        let (dst, routed) = match routed {
             Ok(r) => r,
             Err(e) => {
                 forward::log_failure(&e);
@@ -99,14 +136,75 @@ impl Outbound {
             }
         };
         let _ = stream.set_nodelay(true);
-        match route {
-            Route::Plain(dst) => {
+        let io = if self.config.is_opaque_port(dst.0.port()) {
+            self.metrics
+                .detect
+                .record(Direction::outbound, Protocol::opaque_port, Duration::ZERO);
+            PrefixedIo::new(Bytes::new(), stream)
+        } else {
+            match detect::detect(stream, self.config.detect_timeout).await {
+                Ok((Detected::Http(io, version), took)) => {
+                    let protocol = match version {
+                        HttpVersion::H1 => Protocol::http1,
+                        HttpVersion::H2 => Protocol::http2,
+                    };
+                    self.metrics
+                        .detect
+                        .record(Direction::outbound, protocol, took);
+                    http::serve(self.clone(), io, version, routed).await;
+                    return;
+                }
+                Ok((Detected::Opaque(io), took)) => {
+                    self.metrics
+                        .detect
+                        .record(Direction::outbound, Protocol::opaque, took);
+                    io
+                }
+                Ok((Detected::TimedOut(io), took)) => {
+                    self.metrics
+                        .detect
+                        .record(Direction::outbound, Protocol::timeout, took);
+                    io
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "client went away during detection");
+                    self.tcp.refused(Direction::outbound, CloseReason::IoError);
+                    return;
+                }
+            }
+        };
+        self.serve_tcp(io, routed.target, started).await;
+    }
+
+    async fn serve_tcp(&self, mut io: PrefixedIo<TcpStream>, target: Target, started: Instant) {
+        match target {
+            Target::Plain(dst) => {
                 let metrics = self.tcp.conn(TcpLabels::plain(Direction::outbound));
                 let counters = forward::counters(&metrics);
-                let result = forward::plain(&mut stream, dst, &self.config, &counters).await;
+                let result = forward::plain(&mut io, dst, &self.config, &counters).await;
                 forward::finish(metrics, started, result);
             }
-            Route::Mesh(mut tunnel) => {
+            Target::Mesh {
+                addr,
+                expected,
+                target,
+            } => {
+                let Some(mesh) = &self.mesh else {
+                    // route() only returns Mesh targets when a mesh client exists.
+                    return;
+                };
+                let mut tunnel = match mesh
+                    .tunnel(addr, expected, target, self.config.connect_timeout)
+                    .await
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let e = ConnError::from(e);
+                        forward::log_failure(&e);
+                        self.tcp.refused(Direction::outbound, e.reason());
+                        return;
+                    }
+                };
                 let metrics = self.tcp.conn(TcpLabels {
                     direction: Direction::outbound,
                     tls: Tls::Yes,
@@ -114,48 +212,45 @@ impl Outbound {
                     server_id: tunnel.server_id.to_string(),
                 });
                 let counters = forward::counters(&metrics);
-                let result = copy_bidirectional(
-                    &mut stream,
-                    &mut tunnel.io,
-                    self.config.buffer_size,
-                    &counters,
-                )
-                .await
-                .map_err(ConnError::Io);
+                let result =
+                    copy_bidirectional(&mut io, &mut tunnel.io, self.config.buffer_size, &counters)
+                        .await
+                        .map_err(ConnError::Io);
                 forward::finish(metrics, started, result);
             }
         }
     }
 
-    async fn route(&self, dst: OrigDstAddr) -> Result<Route, ConnError> {
+    /// Decides where `dst` goes: discovery first, then a mesh-port probe inside the cluster.
+    pub async fn route(&self, dst: OrigDstAddr) -> Result<Routed, ConnError> {
         let resolved = self.discovery.as_ref().and_then(|d| d.resolve(dst.0));
-        let route = match resolved {
+        let routed = match resolved {
             Some(r) if !r.endpoints.is_empty() => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % r.endpoints.len();
-                self.to_endpoint(&r.endpoints[i]).await?
+                Routed {
+                    target: self.to_endpoint(&r.endpoints[i])?,
+                    service: r.service,
+                }
             }
-            _ => self.to_unknown(dst).await?,
+            _ => Routed {
+                target: self.to_unknown(dst).await?,
+                service: None,
+            },
         };
-        match route {
-            Route::Plain(dst) if self.config.require_mtls => Err(ConnError::MtlsRequired(dst)),
-            route => Ok(route),
+        match routed.target {
+            Target::Plain(dst) if self.config.require_mtls => Err(ConnError::MtlsRequired(dst)),
+            _ => Ok(routed),
         }
     }
 
-    async fn to_endpoint(&self, ep: &Endpoint) -> Result<Route, ConnError> {
+    fn to_endpoint(&self, ep: &Endpoint) -> Result<Target, ConnError> {
         let target = OrigDstAddr(ep.addr);
         match (&ep.identity, ep.mesh_addr(), &self.mesh) {
-            (Some(id), Some(mesh_addr), Some(mesh)) => {
-                let tunnel = mesh
-                    .tunnel(
-                        mesh_addr,
-                        ExpectedServer::Exact(id.clone()),
-                        target,
-                        self.config.connect_timeout,
-                    )
-                    .await?;
-                Ok(Route::Mesh(tunnel))
-            }
+            (Some(id), Some(addr), Some(_)) => Ok(Target::Mesh {
+                addr,
+                expected: ExpectedServer::Exact(id.clone()),
+                target,
+            }),
             (Some(id), _, None) => {
                 // Discovery says it is meshed but we have no identity to speak mTLS with:
                 // never downgrade silently.
@@ -165,28 +260,32 @@ impl Outbound {
                     source: std::io::Error::other("this proxy has no identity (--identity-dir)"),
                 }))
             }
-            _ => Ok(Route::Plain(target)),
+            _ => Ok(Target::Plain(target)),
         }
     }
 
-    async fn to_unknown(&self, dst: OrigDstAddr) -> Result<Route, ConnError> {
+    async fn to_unknown(&self, dst: OrigDstAddr) -> Result<Target, ConnError> {
         let Some(mesh) = &self.mesh else {
-            return Ok(Route::Plain(dst));
+            return Ok(Target::Plain(dst));
         };
         let ip = dst.0.ip();
         if !self.in_cluster(ip) || self.known_not_meshed(ip) {
-            return Ok(Route::Plain(dst));
+            return Ok(Target::Plain(dst));
         }
         let trust_domain = mesh.identity().identity().id().trust_domain().to_string();
         let expected = ExpectedServer::TrustDomain(trust_domain);
-        let mesh_addr = SocketAddr::new(ip, DEFAULT_MESH_PORT);
+        let addr = SocketAddr::new(ip, DEFAULT_MESH_PORT);
         match mesh
-            .tunnel(mesh_addr, expected, dst, self.config.probe_timeout)
+            .connection(addr, expected.clone(), self.config.probe_timeout)
             .await
         {
-            Ok(tunnel) => {
+            Ok(_) => {
                 mesh.metrics().probed(ProbeResult::meshed);
-                Ok(Route::Mesh(tunnel))
+                Ok(Target::Mesh {
+                    addr,
+                    expected,
+                    target: dst,
+                })
             }
             Err(e) if e.is_absent() => {
                 mesh.metrics().probed(ProbeResult::not_meshed);
@@ -197,7 +296,7 @@ impl Outbound {
                     cache.retain(|_, until| *until > now);
                 }
                 cache.insert(ip, Instant::now() + self.config.probe_negative_ttl);
-                Ok(Route::Plain(dst))
+                Ok(Target::Plain(dst))
             }
             Err(e) => {
                 mesh.metrics().probed(ProbeResult::failed);

@@ -8,3 +8,4 @@ pub mod connect;
 pub mod copy;
 pub mod listen;
 pub mod orig_dst;
+pub mod prefixed;

@@ -1,0 +1,296 @@
+//! Protocol detection (DESIGN.md §5): read the first bytes and decide how to serve a connection.
+//!
+//! - the HTTP/2 connection preface → [`Detected::Http`] with [`HttpVersion::H2`];
+//! - an HTTP/1 request line (`METHOD SP target SP HTTP/1.x`) → [`HttpVersion::H1`];
+//! - anything else (including a TLS ClientHello that is not for us) → [`Detected::Opaque`];
+//! - nothing decisive within the detect timeout → [`Detected::TimedOut`], served as opaque.
+//!
+//! Ports known to be server-speaks-first skip detection (they would always time out). The bytes
+//! read are handed back inside a [`PrefixedIo`], so nothing is lost or reordered.
+//!
+//! Metrics: `tern_detect_total{direction, protocol}`, `tern_detect_duration_seconds{direction}`.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::metrics::{Direction, DirectionLabels};
+use crate::transport::prefixed::PrefixedIo;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The most bytes read while looking for the end of an HTTP/1 request head.
+pub const MAX_DETECT_BYTES: usize = 64 * 1024;
+/// Server-speaks-first ports: opaque without waiting (SMTP, submission, MySQL, 4444, PostgreSQL,
+/// Redis, Elasticsearch transport, memcached).
+pub const DEFAULT_OPAQUE_PORTS: &[u16] = &[25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    H1,
+    H2,
+}
+
+/// What a connection turned out to speak. The I/O carries the bytes read so far.
+#[derive(Debug)]
+pub enum Detected<T> {
+    Http(PrefixedIo<T>, HttpVersion),
+    Opaque(PrefixedIo<T>),
+    TimedOut(PrefixedIo<T>),
+}
+
+/// Label values of `tern_detect_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Protocol {
+    http1,
+    http2,
+    opaque,
+    timeout,
+    /// A configured server-speaks-first port: not inspected.
+    opaque_port,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DetectLabels {
+    direction: Direction,
+    protocol: Protocol,
+}
+
+/// Detection metrics.
+#[derive(Debug, Clone)]
+pub struct DetectMetrics {
+    outcomes: Family<DetectLabels, Counter>,
+    duration: Family<DirectionLabels, Histogram>,
+}
+
+impl DetectMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = DetectMetrics {
+            outcomes: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(crate::metrics::duration_buckets())
+            }),
+        };
+        registry.register("detect", "Protocol detection outcomes", m.outcomes.clone());
+        registry.register_with_unit(
+            "detect_duration",
+            "Time protocol detection took",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        m
+    }
+
+    pub fn record(&self, direction: Direction, protocol: Protocol, took: Duration) {
+        self.outcomes
+            .get_or_create(&DetectLabels {
+                direction,
+                protocol,
+            })
+            .inc();
+        if protocol != Protocol::opaque_port {
+            self.duration
+                .get_or_create(&DirectionLabels { direction })
+                .observe(took.as_secs_f64());
+        }
+    }
+}
+
+/// Reads from `io` until the protocol is known or `timeout` passes.
+pub async fn detect<T: AsyncRead + Unpin>(
+    mut io: T,
+    timeout: Duration,
+) -> std::io::Result<(Detected<T>, Duration)> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = BytesMut::with_capacity(1024);
+    let verdict = loop {
+        if let Some(v) = classify(&buf) {
+            break Some(v);
+        }
+        if buf.len() >= MAX_DETECT_BYTES {
+            // A request line but a head longer than the cap: HTTP, and hyper answers 431.
+            break http1_request_line(&buf).then_some(Verdict::Http(HttpVersion::H1));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().max(1024));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) => {
+                let io = PrefixedIo::new(buf.freeze(), io);
+                return Ok((Detected::TimedOut(io), started.elapsed()));
+            }
+            Ok(Err(e)) => return Err(e),
+            // EOF: whatever arrived is all there is; decide on it.
+            Ok(Ok(0)) => break classify(&buf).or(Some(Verdict::Opaque)),
+            Ok(Ok(_)) => {}
+        }
+    };
+    let io = PrefixedIo::new(Bytes::from(buf), io);
+    let detected = match verdict {
+        Some(Verdict::Http(v)) => Detected::Http(io, v),
+        Some(Verdict::Opaque) | None => Detected::Opaque(io),
+    };
+    Ok((detected, started.elapsed()))
+}
+
+enum Verdict {
+    Http(HttpVersion),
+    Opaque,
+}
+
+/// Decides on the bytes so far, or `None` when more are needed.
+fn classify(buf: &[u8]) -> Option<Verdict> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (buf.len() >= H2_PREFACE.len()).then_some(Verdict::Http(HttpVersion::H2));
+    }
+    // An HTTP/1 request line: token SP target SP "HTTP/1." digit CRLF.
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        // Keep reading only while this could still be a request line.
+        return (!plausible_start(buf)).then_some(Verdict::Opaque);
+    };
+    let line = &buf[..end];
+    let mut parts = line.split(|b| *b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Some(Verdict::Opaque);
+    };
+    let is_http1 = !method.is_empty()
+        && method
+            .iter()
+            .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_')
+        && !target.is_empty()
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
+    if !is_http1 {
+        return Some(Verdict::Opaque);
+    }
+    // A connection that starts with CONNECT or an Upgrade (WebSocket) becomes a tunnel after
+    // its first exchange: serve it as opaque TCP, which carries it end to end unchanged.
+    if method == b"CONNECT" {
+        return Some(Verdict::Opaque);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {
+            let upgrade = req
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            Some(if upgrade {
+                Verdict::Opaque
+            } else {
+                Verdict::Http(HttpVersion::H1)
+            })
+        }
+        // Read the rest of the head (bounded by MAX_DETECT_BYTES and the timeout).
+        Ok(httparse::Status::Partial) => None,
+        // A malformed head: let hyper answer it with a 400 rather than tunnel it blindly.
+        Err(_) => Some(Verdict::Http(HttpVersion::H1)),
+    }
+}
+
+/// Whether `buf` starts with a complete HTTP/1 request line.
+fn http1_request_line(buf: &[u8]) -> bool {
+    buf.windows(2)
+        .position(|w| w == b"\r\n")
+        .is_some_and(|end| {
+            let line = &buf[..end];
+            line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
+        })
+}
+
+/// Whether `buf` (no CRLF yet) could be the start of a request line.
+fn plausible_start(buf: &[u8]) -> bool {
+    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if method_len == buf.len() {
+        return method_len <= 20;
+    }
+    buf[method_len] == b' '
+        && buf[method_len + 1..]
+            .iter()
+            .all(|b| b.is_ascii_graphic() || *b == b' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn run(input: &[u8], close: bool) -> (&'static str, Vec<u8>) {
+        let (mut a, b) = tokio::io::duplex(16 * 1024);
+        let owned = input.to_vec();
+        // The writer runs beside detection: inputs may exceed the pipe's buffer.
+        tokio::spawn(async move {
+            let _ = a.write_all(&owned).await;
+            if !close {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            drop(a);
+        });
+        let (d, _) = detect(b, Duration::from_millis(100)).await.expect("detect");
+        let (kind, mut io) = match d {
+            Detected::Http(io, HttpVersion::H1) => ("h1", io),
+            Detected::Http(io, HttpVersion::H2) => ("h2", io),
+            Detected::Opaque(io) => ("opaque", io),
+            Detected::TimedOut(io) => ("timeout", io),
+        };
+        let mut replay = vec![0u8; input.len()];
+        io.read_exact(&mut replay).await.expect("replay");
+        (kind, replay)
+    }
+
+    #[tokio::test]
+    async fn outcomes_and_bytes_preserved() {
+        let cases: &[(&[u8], bool, &str)] = &[
+            (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", false, "h1"),
+            (b"POST /a?b=c HTTP/1.0\r\n\r\n", false, "h1"),
+            (b"POST /a?b=c HTTP/1.0\r\nhost: x\r\n", false, "timeout"),
+            (
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                false,
+                "opaque",
+            ),
+            (b"CONNECT x:443 HTTP/1.1\r\n", false, "opaque"),
+            (H2_PREFACE, false, "h2"),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                false,
+                "opaque",
+            ),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", false, "opaque"),
+            (b"GET / HTTP/2.0\r\n", false, "opaque"),
+            (b"GET /", false, "timeout"),
+            (b"PRI * HTTP/2", false, "timeout"),
+            (b"", false, "timeout"),
+            (b"GET /", true, "opaque"),
+            (b"*1\r\n$4\r\nPING\r\n", false, "opaque"),
+        ];
+        for (input, close, want) in cases {
+            let (got, replay) = run(input, *close).await;
+            assert_eq!(got, *want, "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(&replay[..], *input, "bytes replayed in order");
+        }
+    }
+
+    #[tokio::test]
+    async fn endless_line_is_opaque_after_cap() {
+        let mut input = b"GET /".to_vec();
+        input.extend(std::iter::repeat_n(b'a', MAX_DETECT_BYTES + 10));
+        let (got, replay) = run(&input, false).await;
+        assert_eq!(got, "opaque");
+        assert_eq!(replay, input);
+    }
+}

@@ -1,0 +1,247 @@
+//! Inbound HTTP: requests from meshed clients (HTTP/2 streams on a mesh connection) and from
+//! non-meshed clients (a detected HTTP connection), forwarded to the app.
+//!
+//! ```text
+//! mesh stream ─▶ tern-target port ─▶ policy(port, client id) ─▶ strip tern-*, add tern-client-id
+//!             ─▶ HTTP/1 to the app when tern-orig-proto says so, else h2c ─▶ app
+//! plain conn  ─▶ (policy checked per connection) ─▶ strip tern-* ─▶ same protocol ─▶ app
+//! ```
+//!
+//! Metrics: `tern_http_*{direction="inbound"}`, with `tls` and `client_id`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tower::{Layer, Service};
+
+use super::Inbound;
+use crate::addr::OrigDstAddr;
+use crate::detect::HttpVersion;
+use crate::error::CloseReason;
+use crate::http::rescue::{self, ProxyError};
+use crate::http::{self as h, BoxBody, BoxError};
+use crate::layers::http_metrics::{HttpMetricsLayer, RequestLabels};
+use crate::metrics::{Direction, Tls};
+use crate::tls::PeerId;
+use crate::transport::prefixed::PrefixedIo;
+
+type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+/// Serves a non-meshed client's HTTP connection, forwarding to `app`.
+pub async fn serve_plain(
+    inbound: Arc<Inbound>,
+    io: PrefixedIo<TcpStream>,
+    version: HttpVersion,
+    app: OrigDstAddr,
+) {
+    let labels = RequestLabels {
+        direction: Direction::inbound,
+        tls: Tls::No,
+        client_id: String::new(),
+        server_id: String::new(),
+        dst_service: String::new(),
+    };
+    let svc = HttpMetricsLayer::new(inbound.http.clone(), labels).layer(ToApp {
+        inbound: inbound.clone(),
+        app,
+        version,
+        meshed: false,
+    });
+    h::server::serve(io, version, svc).await;
+}
+
+/// Answers one HTTP request that arrived on a mesh connection from `client_id`.
+pub fn from_mesh(
+    inbound: Arc<Inbound>,
+    req: Request<Incoming>,
+    client_id: Arc<PeerId>,
+    local_ip: IpAddr,
+) -> Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> {
+    Box::pin(from_mesh_inner(inbound, req, client_id, local_ip))
+}
+
+async fn from_mesh_inner(
+    inbound: Arc<Inbound>,
+    mut req: Request<Incoming>,
+    client_id: Arc<PeerId>,
+    local_ip: IpAddr,
+) -> Response<BoxBody> {
+    let grpc = h::is_grpc(req.headers());
+    let labels = RequestLabels {
+        direction: Direction::inbound,
+        tls: Tls::Yes,
+        client_id: client_id.to_string(),
+        server_id: String::new(),
+        dst_service: String::new(),
+    };
+    let metrics = HttpMetricsLayer::new(inbound.http.clone(), labels);
+    let target = req
+        .headers()
+        .get(h::TARGET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let version = match req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"HTTP/1.0") => Some(Version::HTTP_10),
+        Some(b"HTTP/1.1") => Some(Version::HTTP_11),
+        Some(_) => None,
+        None => Some(Version::HTTP_2),
+    };
+    let (Some(target), Some(version)) = (target, version) else {
+        return record(
+            metrics,
+            req,
+            rescue::response(ProxyError::bad_request, grpc),
+        )
+        .await;
+    };
+    let port = target.port();
+    if let Err(denied) = inbound.policy.authorize(port, Some(&**client_id)) {
+        tracing::warn!(%client_id, port, reason = ?denied.reason, "request denied by policy");
+        return record(
+            metrics,
+            req,
+            rescue::response(ProxyError::unauthorized, grpc),
+        )
+        .await;
+    }
+    let app = match inbound.app_target(local_ip, port) {
+        Ok(app) => app,
+        Err(CloseReason::Loop) => {
+            return record(metrics, req, rescue::response(ProxyError::r#loop, grpc)).await;
+        }
+        Err(_) => {
+            return record(
+                metrics,
+                req,
+                rescue::response(ProxyError::bad_request, grpc),
+            )
+            .await;
+        }
+    };
+    let headers = req.headers_mut();
+    h::strip_tern_headers(headers);
+    if let Ok(v) = HeaderValue::from_str(&client_id.to_string()) {
+        headers.insert(h::CLIENT_ID, v);
+    }
+    let app_version = if version == Version::HTTP_2 {
+        HttpVersion::H2
+    } else {
+        // Restore the HTTP/1 request the client sent: its Host is the HTTP/2 authority.
+        if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned()) {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        *req.version_mut() = version;
+        HttpVersion::H1
+    };
+    let mut svc = metrics.layer(ToApp {
+        inbound,
+        app,
+        version: app_version,
+        meshed: true,
+    });
+    // ToApp is always ready; naming the boxed future keeps its Send-ness concrete.
+    let fut: ResponseFuture = svc.call(req);
+    match fut.await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// Runs `resp` through the metrics layer so refused requests are counted too.
+async fn record(
+    metrics: HttpMetricsLayer,
+    req: Request<Incoming>,
+    resp: Response<BoxBody>,
+) -> Response<BoxBody> {
+    let mut slot = Some(resp);
+    let mut svc = metrics.layer(tower::service_fn(move |_req: Request<Incoming>| {
+        let resp = slot.take().expect("the service is called once");
+        std::future::ready(Ok::<_, Infallible>(resp))
+    }));
+    let fut: ResponseFuture = svc.call(req);
+    match fut.await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// Forwards requests to the app over pooled connections of the given protocol.
+#[derive(Debug, Clone)]
+struct ToApp {
+    inbound: Arc<Inbound>,
+    app: OrigDstAddr,
+    version: HttpVersion,
+    /// Whether requests come from a verified mesh client (tern-client-id is ours).
+    meshed: bool,
+}
+
+impl Service<Request<Incoming>> for ToApp {
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let grpc = h::is_grpc(req.headers());
+            let version = req.version();
+            let resp = match this.forward(req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let kind = rescue::classify(&*e);
+                    tracing::info!(error = %e, kind = kind.as_str(), "request to the app failed");
+                    rescue::response(kind, grpc)
+                }
+            };
+            let mut resp = resp;
+            *resp.version_mut() = version;
+            h::strip_hop_by_hop(resp.headers_mut());
+            Ok(resp)
+        })
+    }
+}
+
+impl ToApp {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+        let mut req = req.map(h::boxed);
+        // A plain client's tern-* headers are forged by definition; a mesh request was cleaned
+        // by `from_mesh`, which added the verified tern-client-id.
+        if !self.meshed {
+            h::strip_tern_headers(req.headers_mut());
+        }
+        h::strip_hop_by_hop(req.headers_mut());
+        if req.uri().authority().is_none() {
+            let authority = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_else(|| self.app.0.to_string());
+            let path = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".into());
+            *req.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path)
+                .build()?;
+        }
+        let client = self.inbound.upstreams.client(self.app, self.version);
+        Ok(client.request(req).await?.map(h::boxed))
+    }
+}

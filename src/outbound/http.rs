@@ -1,0 +1,191 @@
+//! Outbound HTTP: serve the app's HTTP/1 or HTTP/2 connection with hyper and proxy each request.
+//!
+//! ```text
+//! hyper server (h1 | h2) ─▶ HttpMetricsLayer ─▶ ProxyHttp ─┬─ Mesh: HTTP/2 over the pooled mTLS
+//!                                                        │        connection, `tern-target` names
+//!                                                        │        the port, HTTP/1 marked with
+//!                                                        │        `tern-orig-proto`
+//!                                                        └─ Plain: pooled client to the original
+//!                                                                 destination, same protocol
+//! ```
+//!
+//! Errors never reach hyper: [`crate::http::rescue`] turns them into 502/503/504/403 (gRPC:
+//! trailers-only) with `tern-proxy-error`. `tern-*` headers from the app are stripped.
+//! Requests that upgrade (WebSocket) or `CONNECT` on a connection whose first request did not
+//! are answered 501: such connections are detected as opaque tunnels when they start that way.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tower::ServiceBuilder;
+
+use super::{Outbound, Routed, Target};
+use crate::addr::OrigDstAddr;
+use crate::detect::HttpVersion;
+use crate::http::rescue::{self, ProxyError};
+use crate::http::{self as h, BoxBody, BoxError};
+use crate::layers::http_metrics::{HttpMetricsLayer, RequestLabels};
+use crate::metrics::{Direction, Tls};
+use crate::transport::prefixed::PrefixedIo;
+
+/// Serves one detected HTTP connection from the app until it closes.
+pub async fn serve(
+    outbound: Arc<Outbound>,
+    io: PrefixedIo<TcpStream>,
+    version: HttpVersion,
+    routed: Routed,
+) {
+    let (tls, server_id) = match &routed.target {
+        Target::Mesh { expected, .. } => (Tls::Yes, expected.to_string()),
+        Target::Plain(_) => (Tls::No, String::new()),
+    };
+    let labels = RequestLabels {
+        direction: Direction::outbound,
+        tls,
+        client_id: String::new(),
+        server_id,
+        dst_service: routed.service.clone().unwrap_or_default(),
+    };
+    let svc = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(outbound.metrics.http.clone(), labels))
+        .service(ProxyHttp {
+            outbound: outbound.clone(),
+            target: Arc::new(routed.target),
+            version,
+        });
+    h::server::serve(io, version, svc).await;
+}
+
+/// The innermost service: forwards one request to its target.
+#[derive(Debug, Clone)]
+struct ProxyHttp {
+    outbound: Arc<Outbound>,
+    target: Arc<Target>,
+    version: HttpVersion,
+}
+
+impl tower::Service<Request<Incoming>> for ProxyHttp {
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let grpc = h::is_grpc(req.headers());
+            let version = req.version();
+            let resp = match this.forward(req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let kind = rescue::classify(&*e);
+                    tracing::info!(error = %e, kind = kind.as_str(), "request failed");
+                    rescue::response(kind, grpc)
+                }
+            };
+            Ok(downgrade_response(resp, version))
+        })
+    }
+}
+
+impl ProxyHttp {
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+        if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+            return Ok(not_implemented());
+        }
+        let orig_version = req.version();
+        let mut req = req.map(h::boxed);
+        h::strip_tern_headers(req.headers_mut());
+        h::strip_hop_by_hop(req.headers_mut());
+        match &*self.target {
+            Target::Plain(dst) => {
+                absolute_uri(&mut req, *dst)?;
+                let client = self.outbound.upstreams.client(*dst, self.version);
+                let resp = client.request(req).await?;
+                Ok(resp.map(h::boxed))
+            }
+            Target::Mesh {
+                addr,
+                expected,
+                target,
+            } => {
+                let Some(mesh) = &self.outbound.mesh else {
+                    return Ok(rescue::response(ProxyError::tls_error, false));
+                };
+                absolute_uri(&mut req, *target)?;
+                let headers = req.headers_mut();
+                headers.insert(h::TARGET, HeaderValue::from_str(&target.0.to_string())?);
+                if self.version == HttpVersion::H1 {
+                    let proto = if orig_version == Version::HTTP_10 {
+                        "HTTP/1.0"
+                    } else {
+                        "HTTP/1.1"
+                    };
+                    headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
+                    // HTTP/2 carries the authority in the URI; Host would be redundant.
+                    headers.remove(header::HOST);
+                }
+                *req.version_mut() = Version::HTTP_2;
+                let resp = mesh
+                    .send(
+                        *addr,
+                        expected.clone(),
+                        req,
+                        self.outbound.config.connect_timeout,
+                    )
+                    .await?;
+                Ok(resp.map(h::boxed))
+            }
+        }
+    }
+}
+
+/// Makes the URI absolute (scheme + authority), as the pooled client and HTTP/2 need. The
+/// authority comes from the request (HTTP/2 `:authority`, HTTP/1 `Host`), else the destination.
+fn absolute_uri(req: &mut Request<BoxBody>, dst: OrigDstAddr) -> Result<(), BoxError> {
+    if req.uri().authority().is_some() && req.uri().scheme().is_some() {
+        return Ok(());
+    }
+    let authority = match req.headers().get(header::HOST) {
+        Some(host) => host.to_str()?.to_owned(),
+        None => dst.0.to_string(),
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    *req.uri_mut() = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    Ok(())
+}
+
+/// The response as the app's protocol expects it: its version, no hop-by-hop headers.
+fn downgrade_response(mut resp: Response<BoxBody>, version: Version) -> Response<BoxBody> {
+    *resp.version_mut() = version;
+    h::strip_hop_by_hop(resp.headers_mut());
+    resp
+}
+
+fn not_implemented() -> Response<BoxBody> {
+    let mut r = Response::new(h::empty());
+    *r.status_mut() = http::StatusCode::NOT_IMPLEMENTED;
+    r.headers_mut().insert(
+        h::PROXY_ERROR,
+        HeaderValue::from_static("upgrade_after_first_request"),
+    );
+    r
+}
