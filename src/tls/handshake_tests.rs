@@ -609,6 +609,16 @@ async fn broken_new_set_keeps_the_old_identity_and_counts_a_failure() {
     ));
     assert_eq!(metrics.failures(IdentityErrorReason::KeyMismatch), 1);
 
+    // Not yet valid: counted once, but re-checked on every poll (it may become valid).
+    kube.swap_in(&ca.issue_not_yet_valid(&server_id).unwrap());
+    for _ in 0..2 {
+        assert!(matches!(
+            store.reload_from(tmp.path()),
+            ReloadOutcome::Failed(IdentityError::NotYetValid { .. })
+        ));
+    }
+    assert_eq!(metrics.failures(IdentityErrorReason::NotYetValid), 1);
+
     kube.swap_in(&ca.issue_expired(&server_id).unwrap());
     assert!(matches!(
         store.reload_from(tmp.path()),
@@ -650,6 +660,30 @@ async fn broken_new_set_keeps_the_old_identity_and_counts_a_failure() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+}
+
+#[test]
+fn store_load_refuses_a_missing_or_broken_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = IdentityStore::load(
+        tmp.path(),
+        ClientTrustDomains::Own,
+        IdentityMetrics::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, IdentityError::Read { .. }), "{err}");
+    let ca = TestCa::new("cluster.local").unwrap();
+    ca.issue_expired(&id("spiffe://cluster.local/ns/a/sa/b"))
+        .unwrap()
+        .write_dir(tmp.path())
+        .unwrap();
+    let err = IdentityStore::load(
+        tmp.path(),
+        ClientTrustDomains::Own,
+        IdentityMetrics::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, IdentityError::Expired { .. }), "{err}");
 }
 
 fn rustls_error(err: &std::io::Error) -> &rustls::Error {
