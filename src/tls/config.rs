@@ -138,6 +138,12 @@ impl ExpectedServer {
     }
 }
 
+impl From<SpiffeId> for ExpectedServer {
+    fn from(id: SpiffeId) -> Self {
+        ExpectedServer::Exact(id)
+    }
+}
+
 impl fmt::Display for ExpectedServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
