@@ -20,7 +20,9 @@
 //!   SPIFFE ID against an [`ExpectedServer`]. A mismatch fails the handshake with
 //!   [`PeerVerifyError::Mismatch`], naming expected and presented identities.
 //!
-//! After a handshake, [`peer_id`] reads the identity the peer proved.
+//! After a handshake, [`peer_id`] reads the identity the peer proved. ALPN: rustls refuses a client
+//! offering only other protocols, but lets one offering none through; the mesh wire should check
+//! `alpn_protocol() == Some(MESH_ALPN)` before speaking HTTP/2.
 //!
 //! Errors: handshake failures are `rustls::Error`s (inside the `io::Error` tokio-rustls returns);
 //! SPIFFE rejections travel in them as [`PeerVerifyError`], recovered with
@@ -133,6 +135,12 @@ impl ExpectedServer {
             } => id.trust_domain() == trust_domain && id.namespace() == namespace,
             ExpectedServer::TrustDomain(td) => id.trust_domain() == td,
         }
+    }
+}
+
+impl From<SpiffeId> for ExpectedServer {
+    fn from(id: SpiffeId) -> Self {
+        ExpectedServer::Exact(id)
     }
 }
 

@@ -100,8 +100,14 @@ impl Issued {
 impl TestCa {
     /// A new self-signed root CA for `trust_domain`, valid for a day.
     pub fn new(trust_domain: &str) -> Result<Self, rcgen::Error> {
+        Self::named(trust_domain, "root")
+    }
+
+    /// Like [`TestCa::new`], with `name` in the subject (two CAs with the same subject but
+    /// different keys test signature checks; different subjects test issuer lookup).
+    pub fn named(trust_domain: &str, name: &str) -> Result<Self, rcgen::Error> {
         let key = KeyPair::generate()?;
-        let params = ca_params(trust_domain, "root")?;
+        let params = ca_params(trust_domain, name)?;
         let cert = params.self_signed(&key)?;
         let pem = cert.pem();
         Ok(TestCa {

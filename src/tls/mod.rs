@@ -36,7 +36,7 @@ pub mod spiffe;
 pub mod store;
 
 #[cfg(test)]
-mod handshake_tests;
+mod tests;
 
 pub use config::{
     ExpectedServer, MESH_ALPN, PeerVerifyError, TrustDomains, client_config, peer_id, provider,

@@ -57,8 +57,9 @@ pub struct IdentityStore {
     current: RwLock<Arc<Snapshot>>,
     accepted: ClientTrustDomains,
     metrics: IdentityMetrics,
-    /// What the watcher last saw on disk, loaded or refused: a set is judged once.
-    last_seen: Mutex<Option<Seen>>,
+    /// What the watcher last saw on disk, loaded or refused: a set is judged once (counted and
+    /// logged once), except that a not-yet-valid one is re-checked on every poll.
+    last_seen: Mutex<Option<LastSeen>>,
 }
 
 /// What one reload attempt found.
@@ -97,7 +98,10 @@ impl IdentityStore {
         let files = IdentityFiles::read(dir)?;
         let identity = Identity::parse(&files, &super::identity::Paths::in_dir(dir))?;
         let store = Self::new(identity, accepted, metrics);
-        *lock(&store.last_seen) = Some(Seen::Files(files));
+        *lock(&store.last_seen) = Some(LastSeen {
+            seen: Seen::Files(files),
+            retry: false,
+        });
         Ok(store)
     }
 
@@ -145,24 +149,32 @@ impl IdentityStore {
         let read = IdentityFiles::read(dir);
         let seen = Seen::of(&read);
         let mut last = lock(&self.last_seen);
-        if last.as_ref() == Some(&seen) {
-            return ReloadOutcome::Unchanged;
-        }
+        let already_refused = match last.as_ref() {
+            Some(l) if l.seen == seen && !l.retry => return ReloadOutcome::Unchanged,
+            Some(l) => l.seen == seen,
+            None => false,
+        };
         let result =
             read.and_then(|files| Identity::parse(&files, &super::identity::Paths::in_dir(dir)));
         match result {
             Ok(identity) => {
-                *last = Some(seen);
+                *last = Some(LastSeen { seen, retry: false });
                 drop(last);
                 self.replace(identity);
                 ReloadOutcome::Reloaded
             }
+            // Still not valid yet: already counted and logged once.
+            Err(err) if already_refused => ReloadOutcome::Failed(err),
             Err(err) => {
                 // A writer may be mid-way through replacing the files: judge only a stable set.
                 if Seen::of(&IdentityFiles::read(dir)) != seen {
                     return ReloadOutcome::InFlux;
                 }
-                *last = Some(seen);
+                // A certificate that is not valid *yet* (issuer clock ahead of ours) becomes good
+                // with time alone: keep re-checking it. Any other verdict stands until the files
+                // change.
+                let retry = matches!(err, IdentityError::NotYetValid { .. });
+                *last = Some(LastSeen { seen, retry });
                 self.metrics
                     .failures
                     .get_or_create(&FailureLabels {
@@ -277,6 +289,13 @@ impl Snapshot {
             clients: Mutex::new(HashMap::new()),
         }
     }
+}
+
+#[derive(Debug)]
+struct LastSeen {
+    seen: Seen,
+    /// Re-validate even if unchanged (the set was refused only for being not yet valid).
+    retry: bool,
 }
 
 /// One observation of the identity directory.
