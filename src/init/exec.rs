@@ -57,9 +57,7 @@ pub enum ExecError {
         status: std::process::ExitStatus,
         stderr: String,
     },
-    #[error(
-        "--backend (TERN_IPTABLES_BACKEND) {requested}: `{cmd}` does not work here: {reason}"
-    )]
+    #[error("--backend (TERN_IPTABLES_BACKEND) {requested}: `{cmd}` does not work here: {reason}")]
     BackendUnavailable {
         requested: &'static str,
         cmd: String,
@@ -178,10 +176,12 @@ fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<String, ExecErro
         // A write error means the child exited early; its status and stderr say why.
         let _ = pipe.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|source| ExecError::Spawn {
-        cmd: cmd.clone(),
-        source,
-    })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| ExecError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(ExecError::Failed {
             cmd,

@@ -396,7 +396,10 @@ fn plan_family(a: &InitArgs, family: Family) -> FamilyPlan {
     rules.push(rule(
         Chain::Outbound,
         tcp(),
-        format!("redirect outbound TCP to the proxy port {}", a.outbound_port),
+        format!(
+            "redirect outbound TCP to the proxy port {}",
+            a.outbound_port
+        ),
         Target::Redirect(a.outbound_port),
     ));
     FamilyPlan {
