@@ -131,3 +131,30 @@ fn bad_input_is_refused_before_touching_rules() {
     }
     assert_eq!(before, ns.nat_rules("iptables-nft-save"));
 }
+
+#[test]
+fn dual_mode_skips_ipv6_where_the_kernel_has_it_off() {
+    if !support::ready() {
+        return;
+    }
+    let ns = fresh();
+    ns.run_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    let out = ns.tern_init(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("using the "), "names its backend: {stdout}");
+    assert!(stdout.contains("IPv4: 8 rules installed"), "{stdout}");
+    assert!(stdout.contains("skipped IPv6"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("IPv6 is disabled"), "warns: {stderr}");
+    assert_eq!(tern_lines(&ns.nat_rules("iptables-nft-save")).len(), 8);
+    assert!(tern_lines(&ns.nat_rules("ip6tables-nft-save")).is_empty());
+
+    let v6 = ns.tern_init(&["--ip-families", "v6"]);
+    assert!(!v6.status.success(), "v6 only cannot work without IPv6");
+    assert!(String::from_utf8_lossy(&v6.stderr).contains("--ip-families"));
+}

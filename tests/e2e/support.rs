@@ -417,6 +417,12 @@ impl Mesh {
                 ns.name,
                 String::from_utf8_lossy(&out.stderr)
             );
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains("using the nft iptables backend")
+                    || said.contains("using the legacy iptables backend"),
+                "tern init names the backend it used: {said}"
+            );
         }
         let proxy_a = a.start_proxy(proxy_args);
         let proxy_b = b.start_proxy(proxy_args);
