@@ -378,13 +378,12 @@ fn plan_family(a: &InitArgs, family: Family) -> FamilyPlan {
             Target::Return,
         ));
     }
-    let mut subnets: Vec<IpNet> = a
-        .skip_subnets
-        .iter()
-        .filter(|n| family_of(n) == family)
-        .map(IpNet::trunc)
-        .collect();
-    subnets.dedup();
+    let mut subnets: Vec<IpNet> = Vec::new();
+    for net in a.skip_subnets.iter().filter(|n| family_of(n) == family) {
+        if !subnets.contains(&net.trunc()) {
+            subnets.push(net.trunc());
+        }
+    }
     for net in subnets {
         rules.push(rule(
             Chain::Outbound,
@@ -483,7 +482,7 @@ mod tests {
             "--skip-outbound-ports",
             "3306,5432-5433",
             "--skip-subnets",
-            "198.18.4.0/24,2001:db8:1::/48,198.19.0.7/16",
+            "198.18.4.0/24,2001:db8:1::/48,198.19.0.7/16,198.18.4.9/24",
             "--proxy-uid",
             "1337",
         ]))
