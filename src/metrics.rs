@@ -348,12 +348,51 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// Encodes a registry in Prometheus text format.
+/// Encodes a registry in Prometheus text format (0.0.4, what `/metrics` declares).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::with_capacity(8 * 1024);
     // Writing into a String cannot fail; an error here would be a bug in an encoder.
     prometheus_client::encoding::text::encode(&mut out, registry)
         .expect("encoding metrics into a String cannot fail");
+    openmetrics_to_prometheus_text(&out)
+}
+
+/// prometheus-client writes OpenMetrics: counter families are named without `_total`, `info` is a
+/// type, and there are `# UNIT` and `# EOF` lines. The Prometheus text format (and
+/// `promtool check metrics`) wants the family named like its samples and knows no `info` type:
+/// rename counter families to `<name>_total`, turn `info` into a gauge named `<name>_info`, and
+/// drop the `# UNIT`/`# EOF` lines. Samples are the same in both formats.
+fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let types: std::collections::HashMap<&str, &str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    let renamed = |name: &str| match types.get(name) {
+        Some(&"counter") if !name.ends_with("_total") => format!("{name}_total"),
+        Some(&"info") => format!("{name}_info"),
+        _ => name.to_string(),
+    };
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some((name, help)) = line.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
+            out.push_str(&format!("# HELP {} {help}\n", renamed(name)));
+        } else if let Some((name, ty)) =
+            line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' '))
+        {
+            let ty = match ty {
+                "info" => "gauge",
+                "unknown" => "untyped",
+                t => t,
+            };
+            out.push_str(&format!("# TYPE {} {ty}\n", renamed(name)));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
     out
 }
 
