@@ -37,6 +37,9 @@ pub enum CloseReason {
     Unauthorized,
     /// `--require-mtls` is set and the destination is not meshed.
     MtlsRequired,
+    /// An HTTP connection sent no complete request head within the header-read timeout (an
+    /// idle keep-alive connection, or a slowloris client).
+    HeaderTimeout,
 }
 
 impl CloseReason {
@@ -54,6 +57,7 @@ impl CloseReason {
             CloseReason::TlsError => "tls_error",
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::MtlsRequired => "mtls_required",
+            CloseReason::HeaderTimeout => "header_timeout",
         }
     }
 }
@@ -92,6 +96,8 @@ pub enum ConnError {
     MtlsRequired(OrigDstAddr),
     #[error("TLS handshake with a mesh client failed: {0}")]
     Handshake(#[source] io::Error),
+    #[error("HTTP connection failed: {0}")]
+    Http(#[from] hyper::Error),
 }
 
 impl ConnError {
@@ -107,6 +113,8 @@ impl ConnError {
             ConnError::Unauthorized(_) => CloseReason::Unauthorized,
             ConnError::MtlsRequired(_) => CloseReason::MtlsRequired,
             ConnError::Handshake(_) => CloseReason::TlsError,
+            ConnError::Http(e) if e.is_timeout() => CloseReason::HeaderTimeout,
+            ConnError::Http(_) => CloseReason::IoError,
         }
     }
 }

@@ -23,8 +23,10 @@ use crate::detect::HttpVersion;
 use crate::error::ConnError;
 use crate::transport::connect;
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle pooled connections are closed after this long: shorter than the servers' own idle
+/// timeouts (tern's is 10 s, many app servers' 5 s or more), so a request is never sent on a
+/// connection the server is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Bound on distinct upstream targets with a cached client.
 const MAX_TARGETS: usize = 4096;
 

@@ -23,7 +23,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `io` as `version` with `svc` until the client closes.
-pub async fn serve<IO, S>(io: IO, version: HttpVersion, svc: S)
+pub async fn serve<IO, S>(io: IO, version: HttpVersion, svc: S) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: tower::Service<
@@ -55,7 +55,8 @@ where
                 .await
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = &result {
         tracing::debug!(error = %e, "HTTP connection ended");
     }
+    result
 }

@@ -40,6 +40,7 @@ pub async fn serve_plain(
     io: PrefixedIo<TcpStream>,
     version: HttpVersion,
     app: OrigDstAddr,
+    started: std::time::Instant,
 ) {
     let labels = RequestLabels {
         direction: Direction::inbound,
@@ -54,7 +55,15 @@ pub async fn serve_plain(
         version,
         meshed: false,
     });
-    h::server::serve(io, version, svc).await;
+    let conn = inbound
+        .tcp
+        .conn(crate::metrics::TcpLabels::plain(Direction::inbound));
+    let io = crate::transport::counted::CountedIo::new(io, crate::forward::counters(&conn));
+    let result = h::server::serve(io, version, svc)
+        .await
+        .map(|()| crate::transport::copy::Transferred::default())
+        .map_err(crate::error::ConnError::Http);
+    crate::forward::finish(conn, started, result);
 }
 
 /// Answers one HTTP request that arrived on a mesh connection from `client_id`.

@@ -125,7 +125,7 @@ impl Inbound {
                         HttpVersion::H2 => Protocol::http2,
                     };
                     self.detect.record(Direction::inbound, protocol, took);
-                    http::serve_plain(self.clone(), io, version, dst).await;
+                    http::serve_plain(self.clone(), io, version, dst, started).await;
                     return;
                 }
                 Ok((Detected::Opaque(io), took)) => {

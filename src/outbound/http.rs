@@ -19,6 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
@@ -28,22 +29,34 @@ use tower::ServiceBuilder;
 use super::{Outbound, Routed, Target};
 use crate::addr::OrigDstAddr;
 use crate::detect::HttpVersion;
+use crate::error::ConnError;
+use crate::forward;
 use crate::http::rescue::{self, ProxyError};
 use crate::http::{self as h, BoxBody, BoxError};
 use crate::layers::http_metrics::{HttpMetricsLayer, RequestLabels};
-use crate::metrics::{Direction, Tls};
+use crate::metrics::{Direction, TcpLabels, Tls};
+use crate::transport::copy::Transferred;
+use crate::transport::counted::CountedIo;
 use crate::transport::prefixed::PrefixedIo;
 
-/// Serves one detected HTTP connection from the app until it closes.
+/// Serves one detected HTTP connection from the app until it closes; the connection is counted
+/// in the TCP metrics like an opaque one.
 pub async fn serve(
     outbound: Arc<Outbound>,
     io: PrefixedIo<TcpStream>,
     version: HttpVersion,
     routed: Routed,
+    started: Instant,
 ) {
     let (tls, server_id) = match &routed.target {
         Target::Mesh { expected, .. } => (Tls::Yes, expected.to_string()),
         Target::Plain(_) => (Tls::No, String::new()),
+    };
+    let conn_labels = TcpLabels {
+        direction: Direction::outbound,
+        tls,
+        client_id: String::new(),
+        server_id: server_id.clone(),
     };
     let labels = RequestLabels {
         direction: Direction::outbound,
@@ -59,7 +72,13 @@ pub async fn serve(
             target: Arc::new(routed.target),
             version,
         });
-    h::server::serve(io, version, svc).await;
+    let conn = outbound.tcp.conn(conn_labels);
+    let io = CountedIo::new(io, forward::counters(&conn));
+    let result = h::server::serve(io, version, svc).await;
+    let result = result
+        .map(|()| Transferred::default())
+        .map_err(ConnError::Http);
+    forward::finish(conn, started, result);
 }
 
 /// The innermost service: forwards one request to its target.

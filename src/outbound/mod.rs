@@ -151,7 +151,7 @@ impl Outbound {
                     self.metrics
                         .detect
                         .record(Direction::outbound, protocol, took);
-                    http::serve(self.clone(), io, version, routed).await;
+                    http::serve(self.clone(), io, version, routed, started).await;
                     return;
                 }
                 Ok((Detected::Opaque(io), took)) => {

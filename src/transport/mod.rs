@@ -6,6 +6,7 @@
 
 pub mod connect;
 pub mod copy;
+pub mod counted;
 pub mod listen;
 pub mod orig_dst;
 pub mod prefixed;
