@@ -206,6 +206,99 @@ fn is_subsequence(small: &[Value], big: &[Value]) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::path::{Path, PathBuf};
+
+    fn golden_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject/pods")
+    }
+
+    /// Runs one golden case: returns the rendered result and checks the invariants every case
+    /// must hold (typed and raw paths agree; injecting the result again changes nothing).
+    fn run_case(input: &Value) -> Value {
+        let ns: BTreeMap<String, String> =
+            serde_json::from_value(input["namespaceAnnotations"].clone()).expect("annotations");
+        let sidecar = Sidecar::default();
+        let mut raw = input["pod"].clone();
+        let injection = inject_object(&mut raw, &ns, &sidecar)
+            .expect("injects")
+            .expect("a Pod is a workload");
+
+        // The typed core gives the same pod as the patch applied to the raw object.
+        let typed: Pod = serde_json::from_value(input["pod"].clone()).expect("pod parses");
+        let direct = patch(&typed, &ns, &sidecar).expect("patches");
+        match &direct {
+            Outcome::Injected { pod, .. } => {
+                assert_eq!(serde_json::to_value(pod).expect("serializes"), raw)
+            }
+            Outcome::Skipped { .. } => assert_eq!(raw, input["pod"], "skipped pods are untouched"),
+        }
+        assert_eq!(direct, injection.outcome);
+
+        // Idempotent: a second pass is a no-op.
+        let mut again = raw.clone();
+        let second = inject_object(&mut again, &ns, &sidecar)
+            .expect("injects")
+            .expect("workload");
+        assert_eq!(again, raw, "second injection changed the pod");
+        assert!(second.patch.0.is_empty());
+
+        let (outcome, reason) = match &injection.outcome {
+            Outcome::Injected { .. } => ("injected", None),
+            Outcome::Skipped { reason, .. } => ("skipped", Some(reason.as_str())),
+        };
+        let warnings: Vec<String> = injection
+            .outcome
+            .warnings()
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
+        json!({
+            "outcome": outcome,
+            "reason": reason,
+            "warnings": warnings,
+            "patch": injection.patch,
+            "pod": raw,
+        })
+    }
+
+    /// Golden files: `tests/golden/inject/pods/NAME.yaml` in, `NAME.golden.yaml` out.
+    /// Regenerate with `TERN_BLESS=1 cargo test --lib inject::tests::golden_pods`.
+    #[test]
+    fn golden_pods() {
+        let bless = std::env::var_os("TERN_BLESS").is_some();
+        let mut cases = 0;
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+            .expect("golden dir exists")
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "yaml")
+                    && !p.to_string_lossy().ends_with(".golden.yaml")
+            })
+            .collect();
+        entries.sort();
+        let mut failures = Vec::new();
+        for path in entries {
+            let text = std::fs::read_to_string(&path).expect("readable");
+            let input: Value = serde_saphyr::from_str(&text).expect("input parses");
+            let result = serde_saphyr::to_string(&run_case(&input)).expect("renders");
+            let golden = path.with_extension("golden.yaml");
+            if bless {
+                std::fs::write(&golden, &result).expect("writes golden");
+            } else {
+                let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+                if expected != result {
+                    failures.push(format!("{}:\n{result}", golden.display()));
+                }
+            }
+            cases += 1;
+        }
+        assert!(cases >= 9, "only {cases} golden cases found");
+        assert!(
+            failures.is_empty(),
+            "golden mismatch (TERN_BLESS=1 to accept):\n{}",
+            failures.join("\n")
+        );
+    }
 
     #[test]
     fn insertions_become_adds_and_apply() {

@@ -439,9 +439,9 @@ fn identity_volume(sidecar: &Sidecar, settings: &Settings) -> Volume {
 fn wait_ready_script() -> String {
     format!(
         "for i in $(seq 1 300); do \
-         if exec 3<>/dev/tcp/127.0.0.1/{ADMIN_PORT}; then \
-         printf 'GET /ready HTTP/1.0\\r\\n\\r\\n' >&3; \
-         if head -n 1 <&3 | grep -q ' 200 '; then exit 0; fi; exec 3>&-; fi; \
+         if (exec 3<>/dev/tcp/127.0.0.1/{ADMIN_PORT} && \
+         printf 'GET /ready HTTP/1.0\\r\\n\\r\\n' >&3 && \
+         head -n 1 <&3 | grep -q ' 200 ') 2>/dev/null; then exit 0; fi; \
          sleep 0.2; done; exit 1"
     )
 }
