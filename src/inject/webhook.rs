@@ -177,8 +177,12 @@ impl Injector {
             let this = self.clone();
             async move {
                 loop {
-                    let Ok((tcp, peer)) = tls.accept().await else {
-                        continue;
+                    let (tcp, peer) = match tls.accept().await {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            accept_failed(&e).await;
+                            continue;
+                        }
                     };
                     let (this, acceptor) = (this.clone(), acceptor.clone());
                     tokio::spawn(async move {
@@ -192,8 +196,12 @@ impl Injector {
         };
         let plain = async move {
             loop {
-                let Ok((tcp, _)) = admin.accept().await else {
-                    continue;
+                let tcp = match admin.accept().await {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        accept_failed(&e).await;
+                        continue;
+                    }
                 };
                 let this = self.clone();
                 tokio::spawn(async move { this.serve_conn(TokioIo::new(tcp), false).await });
@@ -318,9 +326,10 @@ impl Injector {
         };
         match inject_object(&mut object, &ns_annotations, &self.inner.config.sidecar) {
             Ok(Some(injection)) => {
-                response
-                    .warnings
-                    .extend(injection.outcome.warnings().iter().map(|w| w.to_string()));
+                for warning in injection.outcome.warnings() {
+                    tracing::warn!(namespace = ?request.namespace, pod = %injection.name, "{warning}");
+                    response.warnings.push(warning.to_string());
+                }
                 match injection.outcome {
                     Outcome::Injected { .. } => {
                         let json = serde_json::to_vec(&injection.patch)
@@ -329,6 +338,7 @@ impl Injector {
                         response.patch =
                             Some(base64::engine::general_purpose::STANDARD.encode(json));
                         metrics.count(AdmissionResult::injected, "injected");
+                        tracing::info!(namespace = ?request.namespace, pod = %injection.name, "injected");
                     }
                     Outcome::Skipped {
                         reason: SkipReason::NotEnabled,
@@ -347,6 +357,12 @@ impl Injector {
         }
         response
     }
+}
+
+/// Backs off after a failed accept (e.g. out of file descriptors) instead of spinning.
+async fn accept_failed(e: &std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -543,12 +559,20 @@ pub enum LookupError {
     Json(#[from] serde_json::Error),
     #[error("timed out")]
     Timeout,
+    #[error("`{0}` is not a namespace name")]
+    BadName(String),
 }
 
 struct NamespaceCache {
     api: ApiServer,
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Instant, BTreeMap<String, String>)>>,
+    entries: Mutex<HashMap<String, CacheEntry>>,
+}
+
+/// One Namespace's annotations and when they were read.
+struct CacheEntry {
+    fetched: Instant,
+    annotations: BTreeMap<String, String>,
 }
 
 struct ApiServer {
@@ -615,17 +639,29 @@ impl NamespaceCache {
 
     /// The Namespace's annotations, from the cache when fresh.
     async fn annotations(&self, ns: &str) -> Result<BTreeMap<String, String>, LookupError> {
-        if let Ok(entries) = self.entries.lock()
-            && let Some((at, annotations)) = entries.get(ns)
-            && at.elapsed() < self.ttl
+        // Namespace names are DNS labels; anything else must not reach the URL path.
+        if ns.is_empty()
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Ok(annotations.clone());
+            return Err(LookupError::BadName(ns.to_string()));
+        }
+        if let Ok(entries) = self.entries.lock()
+            && let Some(entry) = entries.get(ns)
+            && entry.fetched.elapsed() < self.ttl
+        {
+            return Ok(entry.annotations.clone());
         }
         let annotations = tokio::time::timeout(LOOKUP_TIMEOUT, self.api.namespace_annotations(ns))
             .await
             .map_err(|_| LookupError::Timeout)??;
         if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(ns.to_string(), (Instant::now(), annotations.clone()));
+            let entry = CacheEntry {
+                fetched: Instant::now(),
+                annotations: annotations.clone(),
+            };
+            entries.insert(ns.to_string(), entry);
         }
         Ok(annotations)
     }
