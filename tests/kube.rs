@@ -947,3 +947,61 @@ async fn webhook_reloads_its_certificate() {
     }
     assert_eq!(hits.load(Ordering::Relaxed), 10);
 }
+
+#[tokio::test]
+async fn webhook_serves_http2_over_alpn() {
+    // The API server's webhook client negotiates h2 when offered.
+    let api = fake_api(BTreeMap::from([(
+        "shop",
+        json!({"tern.io/inject": "enabled"}),
+    )]))
+    .await;
+    let pki = mint("h2 CA");
+    let injector = start_injector(&pki, &api, Duration::from_secs(3600)).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in
+        <CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(pki.ca_pem.as_bytes())
+    {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(injector.https)
+        .await
+        .expect("connects");
+    let name =
+        rustls_pki_types::ServerName::try_from("tern-injector.tern-system.svc").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS 1.3 handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "h2", "namespace": "shop"},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]}});
+    let req = Request::post("https://tern-injector.tern-system.svc/inject")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(review(
+            "h2-uid", "shop", "CREATE", "Pod", &pod,
+        ))))
+        .expect("request");
+    let rsp = sender.send_request(req).await.expect("h2 response");
+    assert_eq!(rsp.status(), StatusCode::OK);
+    assert_eq!(rsp.version(), http::Version::HTTP_2);
+    let body = rsp.into_body().collect().await.expect("body").to_bytes();
+    let answer: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(answer["response"]["uid"], "h2-uid");
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+}

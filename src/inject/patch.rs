@@ -505,3 +505,87 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    use crate::cli::Cli;
+
+    /// Every `TERN_*` variable injected into a container that the container's subcommand
+    /// knows as a flag must parse as that flag: the injector and the binary agree on names
+    /// and formats. Returns how many variables were checked.
+    fn parse_env_as_flags(container: &Container, subcommand: &str) -> usize {
+        let cli = Cli::command();
+        let sub = cli
+            .find_subcommand(subcommand)
+            .expect("subcommand exists")
+            .clone();
+        let mut argv = vec!["tern".to_string(), subcommand.to_string()];
+        let mut checked = 0;
+        for env in container.env.iter().flatten() {
+            let Some(value) = &env.value else { continue };
+            let arg = sub
+                .get_arguments()
+                .chain(cli.get_arguments())
+                .find(|a| a.get_env().is_some_and(|e| e == env.name.as_str()));
+            if let Some(long) = arg.and_then(|a| a.get_long()) {
+                argv.push(format!("--{long}={value}"));
+                checked += 1;
+            }
+        }
+        if let Err(e) = Cli::try_parse_from(&argv) {
+            panic!("{argv:?} does not parse: {e}");
+        }
+        checked
+    }
+
+    #[test]
+    fn injected_env_parses_as_the_binarys_flags() {
+        let annotations = [
+            ("tern.io/inject", "enabled"),
+            ("config.tern.io/skip-inbound-ports", "22,9000-9100"),
+            ("config.tern.io/skip-outbound-ports", "5432"),
+            ("config.tern.io/skip-subnets", "198.18.0.0/15,2001:db8::/32"),
+            ("config.tern.io/opaque-ports", "25,3306,9000-9100"),
+            ("config.tern.io/proxy-log-level", "tern=debug,info"),
+            ("config.tern.io/proxy-log-format", "json"),
+            ("config.tern.io/shutdown-grace-period", "1m 30s"),
+        ];
+        let pod = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PodSpec {
+                containers: vec![Container {
+                    name: "app".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let Ok(Outcome::Injected { pod, warnings }) =
+            patch(&pod, &BTreeMap::new(), &Sidecar::default())
+        else {
+            panic!("not injected");
+        };
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let inits = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .expect("init containers");
+        // tern-init: TERN_PROXY_UID and the three skip lists are all `tern init` flags.
+        assert_eq!(parse_env_as_flags(&inits[0], "init"), 4);
+        // tern-proxy: at least the log and shutdown settings; more as `tern proxy` grows flags.
+        assert!(parse_env_as_flags(&inits[1], "proxy") >= 3);
+    }
+}
