@@ -1,14 +1,16 @@
 //! Builds and runs the proxy: listeners, the admin thread, the accept loops, and the drain.
 //!
-//! [`Proxy::bind`] binds every listener (so tests and `tern demo` can use port 0 and read the
-//! real addresses), [`Proxy::run`] serves until the drain signal and the grace period end.
+//! [`Proxy::bind`] loads the identity and discovery (failing start-up with a clear message when
+//! they are invalid) and binds every listener (so tests and `tern demo` can use port 0 and read
+//! the real addresses); [`Proxy::run`] serves until the drain signal and the grace period end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use prometheus_client::registry::Registry;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -16,19 +18,29 @@ use tracing::Instrument;
 use crate::addr::ClientAddr;
 use crate::admin::{self, AdminState};
 use crate::config::ProxyConfig;
+use crate::discover::{self, Discovery};
 use crate::drain::{Drain, Readiness, Watch};
 use crate::error::CloseReason;
-use crate::forward::Forwarder;
-use crate::metrics::{Metrics, TcpMetrics};
+use crate::inbound::Inbound;
+use crate::inbound::policy::Policy;
+use crate::mesh::MeshMetrics;
+use crate::mesh::client::MeshClient;
+use crate::metrics::{Direction, TcpMetrics};
+use crate::outbound::Outbound;
+use crate::tls::{ClientTrustDomains, IdentityMetrics, IdentityStore};
 use crate::transport::listen;
 
 /// A proxy with its listeners bound, not yet serving.
 #[derive(Debug)]
 pub struct Proxy {
     config: Arc<ProxyConfig>,
-    metrics: Metrics,
-    inbound: TcpListener,
-    outbound: Vec<TcpListener>,
+    registry: Arc<Registry>,
+    identity: Option<Arc<IdentityStore>>,
+    discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
+    inbound: Arc<Inbound>,
+    outbound: Arc<Outbound>,
+    inbound_listener: TcpListener,
+    outbound_listeners: Vec<TcpListener>,
     admin: std::net::TcpListener,
 }
 
@@ -40,12 +52,88 @@ pub struct ProxyAddrs {
     pub admin: SocketAddr,
 }
 
+/// One direction's pipeline, as the accept loop sees it.
+#[derive(Debug, Clone)]
+enum Pipeline {
+    Inbound(Arc<Inbound>),
+    Outbound(Arc<Outbound>),
+}
+
+impl Pipeline {
+    fn direction(&self) -> Direction {
+        match self {
+            Pipeline::Inbound(_) => Direction::inbound,
+            Pipeline::Outbound(_) => Direction::outbound,
+        }
+    }
+
+    fn tcp(&self) -> &TcpMetrics {
+        match self {
+            Pipeline::Inbound(i) => &i.tcp,
+            Pipeline::Outbound(o) => &o.tcp,
+        }
+    }
+
+    async fn serve(self, stream: TcpStream, client: ClientAddr) {
+        match self {
+            Pipeline::Inbound(i) => i.serve(stream, client).await,
+            Pipeline::Outbound(o) => o.serve(stream, client).await,
+        }
+    }
+}
+
 impl Proxy {
-    /// Binds the inbound, outbound and admin listeners. Must be called inside a tokio runtime.
+    /// Loads identity and discovery, binds the inbound, outbound and admin listeners.
+    /// Must be called inside a tokio runtime.
     pub fn bind(config: ProxyConfig) -> anyhow::Result<Self> {
-        let inbound = listen::bind(config.inbound_addr)
+        Self::bind_with_identity(config, None)
+    }
+
+    /// As [`Proxy::bind`], with an identity already in memory (`tern demo`, tests) instead of
+    /// `--identity-dir`.
+    pub fn bind_with_identity(
+        config: ProxyConfig,
+        identity: Option<crate::tls::Identity>,
+    ) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        crate::metrics::register_build_and_process(&mut registry);
+        let tern = registry.sub_registry_with_prefix("tern");
+        let tcp = TcpMetrics::register(tern);
+        let mesh_metrics = MeshMetrics::register(tern);
+        let identity_metrics = IdentityMetrics::register(tern);
+        let identity = match (identity, &config.identity_dir) {
+            (Some(id), _) => Some(IdentityStore::new(
+                id,
+                ClientTrustDomains::Own,
+                identity_metrics,
+            )),
+            (None, Some(dir)) => Some(
+                IdentityStore::load(dir, ClientTrustDomains::Own, identity_metrics)
+                    .with_context(|| format!("loading the identity from {}", dir.display()))?,
+            ),
+            (None, None) => {
+                tracing::warn!("no --identity-dir: mTLS is off; outbound goes out in plaintext");
+                None
+            }
+        };
+        let identity = identity.map(Arc::new);
+        if let Some(store) = &identity {
+            check_identity_matches_pod(&config, store);
+        }
+        let discovery = match &config.discovery_file {
+            Some(path) => {
+                let metrics = discover::file::FileMetrics::register(tern);
+                let (d, seen) = discover::file::start(path, &metrics)?;
+                Some((d, metrics, seen))
+            }
+            None => None,
+        };
+        let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
+        policy.register(tern);
+
+        let inbound_listener = listen::bind(config.inbound_addr)
             .with_context(|| format!("binding the inbound listener on {}", config.inbound_addr))?;
-        let outbound = listen::bind_all(&config.outbound_addrs).with_context(|| {
+        let outbound_listeners = listen::bind_all(&config.outbound_addrs).with_context(|| {
             format!(
                 "binding the outbound listeners on {:?}",
                 config.outbound_addrs
@@ -54,20 +142,50 @@ impl Proxy {
         let admin = listen::bind(config.admin_addr)
             .and_then(|l| l.into_std())
             .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
+
+        let mesh_port = inbound_listener.local_addr()?.port();
+        let mut own_ports = vec![admin.local_addr()?.port()];
+        for l in &outbound_listeners {
+            own_ports.push(l.local_addr()?.port());
+        }
+        let config = Arc::new(config);
+        let inbound = Arc::new(Inbound {
+            config: config.clone(),
+            tcp: tcp.clone(),
+            mesh: mesh_metrics.clone(),
+            policy,
+            identity: identity.clone(),
+            mesh_port,
+            own_ports: own_ports.clone(),
+        });
+        own_ports.push(mesh_port);
+        let outbound = Arc::new(Outbound::new(
+            config.clone(),
+            tcp,
+            discovery.as_ref().map(|(d, _, _)| d.clone()),
+            identity
+                .clone()
+                .map(|store| MeshClient::new(store, mesh_metrics)),
+            own_ports,
+        ));
         Ok(Proxy {
-            config: Arc::new(config),
-            metrics: Metrics::new(),
+            config,
+            registry: Arc::new(registry),
+            identity,
+            discovery,
             inbound,
             outbound,
+            inbound_listener,
+            outbound_listeners,
             admin,
         })
     }
 
     pub fn addrs(&self) -> anyhow::Result<ProxyAddrs> {
         Ok(ProxyAddrs {
-            inbound: self.inbound.local_addr()?,
+            inbound: self.inbound_listener.local_addr()?,
             outbound: self
-                .outbound
+                .outbound_listeners
                 .iter()
                 .map(|l| l.local_addr())
                 .collect::<Result<_, _>>()?,
@@ -88,7 +206,7 @@ impl Proxy {
         let admin_thread = admin::spawn(
             self.admin,
             AdminState {
-                registry: self.metrics.registry.clone(),
+                registry: self.registry.clone(),
                 readiness: readiness.clone(),
                 config_json: Arc::new(config_json),
                 shutdown: config.enable_shutdown_endpoint.then(|| drain.clone()),
@@ -97,27 +215,33 @@ impl Proxy {
         )
         .context("starting the admin thread")?;
 
-        let own_ports: Vec<u16> = addrs
-            .outbound
-            .iter()
-            .chain([&addrs.inbound, &addrs.admin])
-            .map(|a| a.port())
-            .collect();
+        let mut background = Vec::new();
+        if let (Some(store), Some(dir)) = (&self.identity, &config.identity_dir) {
+            background.push(store.watch(dir.clone(), config.identity_reload_interval));
+        }
+        if let (Some((d, metrics, seen)), Some(path)) = (self.discovery, &config.discovery_file) {
+            background.push(tokio::spawn(discover::file::watch(
+                path.clone(),
+                d,
+                config.discovery_reload_interval,
+                metrics,
+                seen,
+            )));
+        }
+
         let tracker = TaskTracker::new();
-        let mut loops = Vec::new();
-        let inbound = Arc::new(crate::inbound::forwarder(config.clone(), own_ports.clone()));
-        loops.push(tokio::spawn(accept_loop(
-            self.inbound,
-            inbound,
-            self.metrics.tcp.clone(),
+        let limit = config.max_connections;
+        let mut loops = vec![tokio::spawn(accept_loop(
+            self.inbound_listener,
+            Pipeline::Inbound(self.inbound),
+            limit,
             tracker.clone(),
-        )));
-        let outbound = Arc::new(crate::outbound::forwarder(config.clone(), own_ports));
-        for l in self.outbound {
+        ))];
+        for l in self.outbound_listeners {
             loops.push(tokio::spawn(accept_loop(
                 l,
-                outbound.clone(),
-                self.metrics.tcp.clone(),
+                Pipeline::Outbound(self.outbound.clone()),
+                limit,
                 tracker.clone(),
             )));
         }
@@ -126,6 +250,7 @@ impl Proxy {
             inbound = %addrs.inbound,
             outbound = ?addrs.outbound,
             admin = %addrs.admin,
+            identity = self.identity.as_ref().map(|s| s.identity().id().to_string()),
             "proxy serving"
         );
 
@@ -140,6 +265,9 @@ impl Proxy {
         tokio::time::sleep(config.shutdown_accept_delay).await;
         for l in loops {
             l.abort();
+        }
+        for b in background {
+            b.abort();
         }
         tracker.close();
         let open = tracker.len();
@@ -166,12 +294,12 @@ impl Proxy {
 /// Accepts connections until aborted; each connection becomes a task on `tracker`.
 async fn accept_loop(
     listener: TcpListener,
-    forwarder: Arc<Forwarder>,
-    tcp: TcpMetrics,
+    pipeline: Pipeline,
+    limit: usize,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(forwarder.config.max_connections));
-    let direction = forwarder.direction;
+    let limit = Arc::new(Semaphore::new(limit));
+    let direction = pipeline.direction();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -183,21 +311,36 @@ async fn accept_loop(
             }
         };
         let peer = ClientAddr(crate::transport::orig_dst::normalize(peer));
-        let metrics = tcp.conn(direction);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, ?direction, "connection limit reached; closing");
-            metrics.closed(CloseReason::Limit, Duration::ZERO);
+            pipeline.tcp().refused(direction, CloseReason::Limit);
             continue;
         };
         let span = tracing::info_span!("conn", dir = ?direction, client = %peer);
-        let forwarder = forwarder.clone();
+        let pipeline = pipeline.clone();
         tracker.spawn(
             async move {
-                forwarder.serve(stream, peer, metrics).await;
+                pipeline.serve(stream, peer).await;
                 drop(permit);
             }
             .instrument(span),
         );
+    }
+}
+
+/// Warns when the identity does not belong to this pod's namespace and service account.
+fn check_identity_matches_pod(config: &ProxyConfig, store: &IdentityStore) {
+    let identity = store.identity();
+    let id = identity.id();
+    if let Some(ns) = &config.pod_namespace {
+        if id.namespace() != ns {
+            tracing::warn!(%id, pod_namespace = %ns, "identity namespace differs from the pod's");
+        }
+    }
+    if let Some(sa) = &config.service_account {
+        if id.service_account() != sa {
+            tracing::warn!(%id, service_account = %sa, "identity service account differs from the pod's");
+        }
     }
 }
 
@@ -251,5 +394,142 @@ async fn signals(drain: Drain) {
             tracing::warn!(signal = name, "second shutdown signal: exiting now");
             std::process::exit(130);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TargetMode;
+    use crate::demo::{http_get, metric_value};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn config(inbound_target: Option<SocketAddr>, shutdown: bool) -> ProxyConfig {
+        let mut c = ProxyConfig::loopback();
+        c.inbound_target = inbound_target.map_or(TargetMode::OrigDst, TargetMode::Fixed);
+        c.buffer_size = 4096;
+        c.max_connections = 2;
+        c.shutdown_grace_period = Duration::from_secs(5);
+        c.enable_shutdown_endpoint = shutdown;
+        c
+    }
+
+    async fn post(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect admin");
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_endpoints_answer_per_contract() {
+        let proxy = Proxy::bind(config(None, false)).expect("bind");
+        let addrs = proxy.addrs().expect("addrs");
+        let (drain, watch) = Drain::new();
+        let task = tokio::spawn(proxy.run(drain.clone(), watch));
+        // /ready turns 200 once the accept loops run.
+        let mut ready = 0;
+        for _ in 0..100 {
+            ready = http_get(addrs.admin, "/ready").await.expect("ready").0;
+            if ready == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ready, 200);
+        assert_eq!(http_get(addrs.admin, "/live").await.expect("live").0, 200);
+        assert_eq!(http_get(addrs.admin, "/nope").await.expect("404").0, 404);
+        let (status, body) = http_get(addrs.admin, "/config").await.expect("config");
+        assert_eq!(status, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).expect("config is JSON");
+        assert_eq!(json["buffer_size"], 4096);
+        let resp = post(addrs.admin, "/metrics").await;
+        assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+        assert!(resp.to_ascii_lowercase().contains("allow: get"), "{resp}");
+        let resp = post(addrs.admin, "/shutdown").await;
+        assert!(
+            resp.starts_with("HTTP/1.1 403"),
+            "disabled by default: {resp}"
+        );
+        assert!(!task.is_finished());
+        drain.start();
+        task.await.expect("join").expect("run ok");
+    }
+
+    #[tokio::test]
+    async fn explicit_mode_forwards_counts_and_limits() {
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("app");
+        let app_addr = app.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = app.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf).await;
+                    let _ = s.write_all(&buf).await;
+                });
+            }
+        });
+        let proxy = Proxy::bind(config(Some(app_addr), true)).expect("bind");
+        let addrs = proxy.addrs().expect("addrs");
+        let (drain, watch) = Drain::new();
+        let task = tokio::spawn(proxy.run(drain, watch));
+
+        let mut c = TcpStream::connect(addrs.inbound).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        c.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.expect("read");
+        assert_eq!(
+            back, b"ping",
+            "response arrives after the client's half-close"
+        );
+
+        // Two held connections fill --max-connections=2; a third is closed with reason=limit.
+        let mut held1 = TcpStream::connect(addrs.inbound).await.expect("held1");
+        let mut held2 = TcpStream::connect(addrs.inbound).await.expect("held2");
+        held1.write_all(b"a").await.expect("w1");
+        held2.write_all(b"b").await.expect("w2");
+        let mut over = TcpStream::connect(addrs.inbound).await.expect("over");
+        let mut buf = [0u8; 1];
+        let n = over.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "over-limit connection is closed");
+
+        let metrics = http_get(addrs.admin, "/metrics").await.expect("metrics").1;
+        let closed = |reason: &str| {
+            metric_value(
+                &metrics,
+                "tern_tcp_connections_closed_total",
+                &format!("reason=\"{reason}\""),
+            )
+        };
+        assert_eq!(closed("eof"), 1.0, "{metrics}");
+        assert_eq!(closed("limit"), 1.0, "{metrics}");
+        assert_eq!(
+            metric_value(&metrics, "tern_tcp_read_bytes_total", "inbound"),
+            6.0
+        );
+
+        // POST /shutdown from loopback drains; held connections finish within the grace period.
+        let resp = post(addrs.admin, "/shutdown").await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(http_get(addrs.admin, "/ready").await.expect("ready").0, 503);
+        assert!(
+            TcpStream::connect(addrs.inbound).await.is_err(),
+            "listener closed"
+        );
+        held1.shutdown().await.expect("close held1");
+        held2.shutdown().await.expect("close held2");
+        let mut rest = Vec::new();
+        held1.read_to_end(&mut rest).await.expect("held1 answer");
+        assert_eq!(rest, b"a");
+        task.await.expect("join").expect("run ok");
     }
 }

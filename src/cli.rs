@@ -4,12 +4,14 @@
 //! Parsing produces plain typed structs; cross-field checks live in [`crate::config`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::addr::PortRange;
+use crate::inbound::policy::{DefaultPolicy, PortRule};
 
 /// tern: a sidecar micro-proxy for Kubernetes service meshes.
 #[derive(Debug, Parser)]
@@ -123,6 +125,68 @@ pub struct ProxyArgs {
     /// Serve `POST /shutdown` on the admin port (loopback clients only) to start a graceful shutdown.
     #[arg(long, env = "TERN_ENABLE_SHUTDOWN_ENDPOINT")]
     pub enable_shutdown_endpoint: bool,
+
+    /// Directory holding this proxy's identity: `tls.crt` (leaf + chain), `tls.key`, `ca.crt`
+    /// (trust bundle), as cert-manager's csi-driver-spiffe writes them. Without it the proxy
+    /// speaks no mTLS: outbound traffic goes out in plaintext and mesh connections are refused.
+    #[arg(long, env = "TERN_IDENTITY_DIR")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// How often the identity files are checked for changes (rotation).
+    #[arg(long, env = "TERN_IDENTITY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub identity_reload_interval: Duration,
+
+    /// YAML file of services → endpoints (+ identities), hot-reloaded; see README "Discovery file".
+    #[arg(long, env = "TERN_DISCOVERY_FILE")]
+    pub discovery_file: Option<PathBuf>,
+
+    /// How often the discovery file is checked for changes.
+    #[arg(long, env = "TERN_DISCOVERY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
+    pub discovery_reload_interval: Duration,
+
+    /// Networks whose unknown destinations are probed for a tern proxy on port 4143 (comma-separated
+    /// CIDRs). Destinations elsewhere go out in plaintext at once, never waiting on a probe.
+    #[arg(
+        long,
+        env = "TERN_CLUSTER_NETWORKS",
+        value_delimiter = ',',
+        default_value = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+    )]
+    pub cluster_networks: Vec<IpNet>,
+
+    /// Connect timeout when probing a destination's mesh port.
+    #[arg(long, env = "TERN_PROBE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "300ms")]
+    pub probe_timeout: Duration,
+
+    /// How long a destination whose mesh port did not answer is remembered as not meshed.
+    #[arg(long, env = "TERN_PROBE_NEGATIVE_TTL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub probe_negative_ttl: Duration,
+
+    /// Refuse outbound connections to destinations that are not meshed (no plaintext at all).
+    #[arg(long, env = "TERN_REQUIRE_MTLS")]
+    pub require_mtls: bool,
+
+    /// Inbound policy for ports without an `--inbound-policy` rule.
+    #[arg(long, env = "TERN_DEFAULT_INBOUND_POLICY", value_enum, default_value_t = DefaultPolicy::AllUnauthenticated)]
+    pub default_inbound_policy: DefaultPolicy,
+
+    /// Per-port inbound rules, `PORTS=RULE`, comma-separated or repeated. RULE is `unauthenticated`,
+    /// `authenticated`, `deny`, or `;`-separated SPIFFE IDs / namespace patterns
+    /// (`8080=spiffe://cluster.local/ns/shop/sa/web;spiffe://cluster.local/ns/ops/*`).
+    #[arg(long, env = "TERN_INBOUND_POLICY", value_delimiter = ',')]
+    pub inbound_policy: Vec<PortRule>,
+
+    /// This pod's name (downward API), for logs and /config.
+    #[arg(long, env = "TERN_POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// This pod's namespace (downward API); the identity is checked against it at start-up.
+    #[arg(long, env = "TERN_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// This pod's service account (downward API); the identity is checked against it at start-up.
+    #[arg(long, env = "TERN_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
 
     /// Data-path worker threads. 1 (the default) runs a single-threaded runtime: a sidecar usually
     /// gets one core, and one thread avoids cross-thread hand-offs. The admin server always has

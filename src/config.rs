@@ -3,11 +3,14 @@
 //! The effective config is logged at start-up and served as JSON at `/config`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::cli::ProxyArgs;
+use crate::inbound::policy::{DefaultPolicy, PortRule};
 
 /// A configuration value the proxy refuses, naming the flag and its environment variable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,6 +23,18 @@ pub enum ConfigError {
     MaxConnections(usize),
     #[error("--connect-timeout (TERN_CONNECT_TIMEOUT) must be between 1ms and 60s, got {0:?}")]
     ConnectTimeout(Duration),
+    #[error("--probe-timeout (TERN_PROBE_TIMEOUT) must be between 1ms and 10s, got {0:?}")]
+    ProbeTimeout(Duration),
+    #[error("--{flag} ({env}) must be at least 10ms, got {value:?}")]
+    Interval {
+        flag: &'static str,
+        env: &'static str,
+        value: Duration,
+    },
+    #[error(
+        "--require-mtls (TERN_REQUIRE_MTLS) needs an identity: set --identity-dir (TERN_IDENTITY_DIR)"
+    )]
+    RequireMtlsWithoutIdentity,
     #[error("--outbound-addrs (TERN_OUTBOUND_ADDRS) must name at least one address")]
     NoOutboundAddrs,
     #[error("--{flag} ({env}) {addr} is one of the proxy's own listeners: that would be a loop")]
@@ -58,6 +73,23 @@ pub struct ProxyConfig {
     pub shutdown_grace_period: Duration,
     pub enable_shutdown_endpoint: bool,
     pub workers: usize,
+    pub identity_dir: Option<PathBuf>,
+    #[serde(with = "humantime_serde_compat")]
+    pub identity_reload_interval: Duration,
+    pub discovery_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_reload_interval: Duration,
+    pub cluster_networks: Vec<IpNet>,
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_negative_ttl: Duration,
+    pub require_mtls: bool,
+    pub default_inbound_policy: DefaultPolicy,
+    pub inbound_policy: Vec<PortRule>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    pub service_account: Option<String>,
 }
 
 impl ProxyConfig {
@@ -75,6 +107,32 @@ impl ProxyConfig {
             || a.connect_timeout > Duration::from_secs(60)
         {
             return Err(ConfigError::ConnectTimeout(a.connect_timeout));
+        }
+        if a.probe_timeout < Duration::from_millis(1) || a.probe_timeout > Duration::from_secs(10) {
+            return Err(ConfigError::ProbeTimeout(a.probe_timeout));
+        }
+        for (flag, env, d) in [
+            (
+                "identity-reload-interval",
+                "TERN_IDENTITY_RELOAD_INTERVAL",
+                a.identity_reload_interval,
+            ),
+            (
+                "discovery-reload-interval",
+                "TERN_DISCOVERY_RELOAD_INTERVAL",
+                a.discovery_reload_interval,
+            ),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(ConfigError::Interval {
+                    flag,
+                    env,
+                    value: d,
+                });
+            }
+        }
+        if a.require_mtls && a.identity_dir.is_none() {
+            return Err(ConfigError::RequireMtlsWithoutIdentity);
         }
         if a.outbound_addrs.is_empty() {
             return Err(ConfigError::NoOutboundAddrs);
@@ -120,7 +178,43 @@ impl ProxyConfig {
             shutdown_grace_period: a.shutdown_grace_period,
             enable_shutdown_endpoint: a.enable_shutdown_endpoint,
             workers: a.workers,
+            identity_dir: a.identity_dir.clone(),
+            identity_reload_interval: a.identity_reload_interval,
+            discovery_file: a.discovery_file.clone(),
+            discovery_reload_interval: a.discovery_reload_interval,
+            cluster_networks: a.cluster_networks.clone(),
+            probe_timeout: a.probe_timeout,
+            probe_negative_ttl: a.probe_negative_ttl,
+            require_mtls: a.require_mtls,
+            default_inbound_policy: a.default_inbound_policy,
+            inbound_policy: a.inbound_policy.clone(),
+            pod_name: a.pod_name.clone(),
+            pod_namespace: a.pod_namespace.clone(),
+            service_account: a.service_account.clone(),
         })
+    }
+}
+
+impl ProxyConfig {
+    /// The defaults with every listener on `127.0.0.1:0` (tests and `tern demo`).
+    pub fn loopback() -> Self {
+        use clap::Parser;
+        let any = "127.0.0.1:0";
+        let cli = crate::cli::Cli::try_parse_from([
+            "tern",
+            "proxy",
+            "--inbound-addr",
+            any,
+            "--outbound-addrs",
+            any,
+            "--admin-addr",
+            any,
+        ])
+        .expect("the loopback arguments are valid");
+        let crate::cli::Command::Proxy(args) = cli.command else {
+            unreachable!("parsed a proxy command");
+        };
+        ProxyConfig::from_args(&args).expect("the loopback defaults are valid")
     }
 }
 

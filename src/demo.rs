@@ -1,7 +1,9 @@
-//! `tern demo`: a two-proxy mesh on loopback, in one process, no root and no iptables.
+//! `tern demo`: a small mesh on loopback, in one process, no root and no iptables: an in-memory CA
+//! (rcgen) mints three SPIFFE identities, and real proxies carry real traffic over mTLS.
 //!
 //! ```text
-//!  demo clients ─▶ client-side tern (outbound, explicit mode) ─▶ server-side tern (inbound) ─▶ echo app
+//!  demo clients ─▶ client-side tern (outbound, explicit mode) ═mTLS═▶ server-side tern (inbound) ─▶ echo app
+//!  intruder     ─▶ intruder tern (another identity)             ═mTLS═▶ refused by the server's policy
 //! ```
 //!
 //! It pushes traffic through both proxies for `--duration`, then reads each proxy's `/metrics`
@@ -21,6 +23,8 @@ use crate::app::{Proxy, ProxyAddrs};
 use crate::cli::DemoArgs;
 use crate::config::{ProxyConfig, TargetMode};
 use crate::drain::Drain;
+use crate::tls::SpiffeId;
+use crate::tls::mint::TestCa;
 
 /// Runs the demo and prints its report to stdout.
 pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
@@ -28,34 +32,71 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     rt.block_on(run(args))
 }
 
+const TRUST_DOMAIN: &str = "cluster.local";
+const ECHO_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const INTRUDER_ID: &str = "spiffe://cluster.local/ns/demo/sa/intruder";
+
 async fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    println!("tern demo: two proxies and an echo app on loopback\n");
+    println!("tern demo: a meshed echo service on loopback (no root, no iptables)\n");
+    let ca = TestCa::new(TRUST_DOMAIN).context("minting the demo CA")?;
+    let identity = |id: &str| -> anyhow::Result<crate::tls::Identity> {
+        let id: SpiffeId = id.parse()?;
+        Ok(ca.issue(&id, Duration::from_secs(3600))?.identity()?)
+    };
     let app = spawn_echo_app().await?;
-    let server = Proxy::bind(loopback_config(TargetMode::OrigDst, TargetMode::Fixed(app)))?;
+
+    // The server side: only the client's identity may reach the echo port.
+    let mut server_cfg = loopback_config(TargetMode::OrigDst, TargetMode::Fixed(app));
+    server_cfg.inbound_policy = vec![format!("{}={CLIENT_ID}", app.port()).parse()?];
+    let server = Proxy::bind_with_identity(server_cfg, Some(identity(ECHO_ID)?))?;
     let server_addrs = server.addrs()?;
-    let client = Proxy::bind(loopback_config(
-        TargetMode::Fixed(server_addrs.inbound),
-        TargetMode::OrigDst,
-    ))?;
+
+    // Discovery tells the client side that the app is meshed, with the echo identity.
+    let dir = DemoDir::new()?;
+    let discovery = dir.path.join("discovery.yaml");
+    std::fs::write(
+        &discovery,
+        format!(
+            "services:\n  - name: echo.demo\n    endpoints:\n      - address: \"{app}\"\n        identity: {ECHO_ID}\n        mesh_port: {}\n",
+            server_addrs.inbound.port()
+        ),
+    )
+    .context("writing the demo discovery file")?;
+    let client_side = |id: &str| -> anyhow::Result<Proxy> {
+        let mut c = loopback_config(TargetMode::Fixed(app), TargetMode::OrigDst);
+        c.discovery_file = Some(discovery.clone());
+        Proxy::bind_with_identity(c, Some(identity(id)?))
+    };
+    let client = client_side(CLIENT_ID)?;
     let client_addrs = client.addrs()?;
+    let intruder = client_side(INTRUDER_ID)?;
+    let intruder_addrs = intruder.addrs()?;
     let entry = client_addrs.outbound[0];
-    println!("  echo app             {app}");
+
+    println!("  in-memory CA          trust domain {TRUST_DOMAIN}");
+    println!("  echo app              {app}");
+    println!("  server-side tern      {ECHO_ID}");
     println!(
-        "  server-side tern     inbound {}  admin http://{}/metrics",
+        "                        mesh {}  admin http://{}/metrics",
         server_addrs.inbound, server_addrs.admin
     );
+    println!("  client-side tern      {CLIENT_ID}");
     println!(
-        "  client-side tern     outbound {}  admin http://{}/metrics\n",
-        entry, client_addrs.admin
+        "                        outbound {entry}  admin http://{}/metrics",
+        client_addrs.admin
     );
+    println!("  intruder tern         {INTRUDER_ID}");
+    println!("  policy on the echo port admits only {CLIENT_ID}\n");
 
-    let (server_drain, server_watch) = Drain::new();
-    let (client_drain, client_watch) = Drain::new();
-    let server_task = tokio::spawn(server.run(server_drain.clone(), server_watch));
-    let client_task = tokio::spawn(client.run(client_drain.clone(), client_watch));
+    let mut running = Vec::new();
+    for proxy in [server, client, intruder] {
+        let (drain, watch) = Drain::new();
+        running.push((drain.clone(), tokio::spawn(proxy.run(drain, watch))));
+    }
 
     println!(
-        "pushing traffic: {} connections for {:?} ...",
+        "pushing traffic: {} connections for {:?}, client → tern ═mTLS═▶ tern → echo ...",
         args.connections, args.duration
     );
     let started = Instant::now();
@@ -69,42 +110,72 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     println!(
-        "  clients echoed {} through both proxies: {:.1} MiB/s\n",
+        "  echoed {} intact through both proxies: {:.1} MiB/s",
         human_bytes(echoed),
         echoed as f64 / elapsed.as_secs_f64() / (1024.0 * 1024.0)
     );
+    let denied = intruder_attempt(intruder_addrs.outbound[0]).await;
+    println!(
+        "  the intruder's connection: {}\n",
+        if denied {
+            "refused by the echo proxy's policy, as it should be"
+        } else {
+            "NOT refused (a bug!)"
+        }
+    );
 
-    report("client-side tern (outbound)", &client_addrs, "outbound").await?;
-    report("server-side tern (inbound)", &server_addrs, "inbound").await?;
+    report_client(&client_addrs).await?;
+    report_server(&server_addrs).await?;
 
-    client_drain.start();
-    server_drain.start();
-    client_task.await.context("client proxy panicked")??;
-    server_task.await.context("server proxy panicked")??;
-    println!("both proxies drained and stopped. Next: README.md, \"Run it as a sidecar\".");
+    for (drain, _) in &running {
+        drain.start();
+    }
+    for (_, task) in running {
+        task.await.context("a proxy panicked")??;
+    }
+    println!("all proxies drained and stopped. Next: README.md, \"Run it as a sidecar\".");
+    anyhow::ensure!(denied, "the intruder was not refused");
     Ok(())
 }
 
-fn loopback_config(outbound: TargetMode, inbound: TargetMode) -> ProxyConfig {
-    let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let fixed = |t: TargetMode| match t {
-        TargetMode::Fixed(a) => Some(a),
-        TargetMode::OrigDst => None,
-    };
-    ProxyConfig {
-        outbound_addrs: vec![any],
-        inbound_addr: any,
-        admin_addr: any,
-        outbound_target: fixed(outbound).map_or(TargetMode::OrigDst, TargetMode::Fixed),
-        inbound_target: fixed(inbound).map_or(TargetMode::OrigDst, TargetMode::Fixed),
-        connect_timeout: Duration::from_secs(1),
-        buffer_size: 16 * 1024,
-        max_connections: 1000,
-        shutdown_accept_delay: Duration::ZERO,
-        shutdown_grace_period: Duration::from_secs(5),
-        enable_shutdown_endpoint: false,
-        workers: 1,
+/// A scratch directory for the demo's discovery file, removed on drop.
+struct DemoDir {
+    path: std::path::PathBuf,
+}
+
+impl DemoDir {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(DemoDir { path })
     }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// True when the intruder's connection is closed without an echo.
+async fn intruder_attempt(entry: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(entry).await else {
+        return false;
+    };
+    let _ = s.write_all(b"let me in").await;
+    let _ = s.shutdown().await;
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back).await;
+    back.is_empty()
+}
+
+fn loopback_config(outbound: TargetMode, inbound: TargetMode) -> ProxyConfig {
+    let mut c = ProxyConfig::loopback();
+    c.outbound_target = outbound;
+    c.inbound_target = inbound;
+    c.max_connections = 1000;
+    c.shutdown_grace_period = Duration::from_secs(5);
+    c
 }
 
 async fn spawn_echo_app() -> anyhow::Result<SocketAddr> {
@@ -140,26 +211,50 @@ async fn echo_client(entry: SocketAddr, duration: Duration) -> anyhow::Result<u6
     Ok(total)
 }
 
-async fn report(title: &str, addrs: &ProxyAddrs, direction: &str) -> anyhow::Result<()> {
-    let text = http_get(addrs.admin, "/metrics").await?.1;
-    let pick = |name: &str| metric_value(&text, name, &format!("direction=\"{direction}\""));
-    println!("{title}, from its /metrics:");
+async fn report_client(addrs: &ProxyAddrs) -> anyhow::Result<()> {
+    let m = http_get(addrs.admin, "/metrics").await?.1;
+    let server = format!("server_id=\"{ECHO_ID}\"");
+    println!("client-side tern, from its /metrics:");
     println!(
-        "  connections opened {:>8}   open now {:>4}",
-        pick("tern_tcp_connections_total"),
-        pick("tern_tcp_connections_open")
+        "  connections to {ECHO_ID} over mTLS: {}",
+        metric_value(&m, "tern_tcp_connections_total", &server)
     );
     println!(
-        "  bytes read         {:>8}   bytes written {:>8}",
-        human_bytes(pick("tern_tcp_read_bytes_total") as u64),
-        human_bytes(pick("tern_tcp_write_bytes_total") as u64)
+        "  bytes sent {}   received {}",
+        human_bytes(metric_value(&m, "tern_tcp_read_bytes_total", &server) as u64),
+        human_bytes(metric_value(&m, "tern_tcp_write_bytes_total", &server) as u64)
     );
     println!(
-        "  process RSS        {:>8}   CPU {:.2}s\n",
-        human_bytes(metric_value(&text, "process_resident_memory_bytes", "") as u64),
-        metric_value(&text, "process_cpu_seconds_total", "")
+        "  proxy-to-proxy connections: {} (pooled: every client connection is an HTTP/2 stream on it)",
+        metric_value(&m, "tern_mesh_connections_total", "")
     );
+    print_process(&m);
     Ok(())
+}
+
+async fn report_server(addrs: &ProxyAddrs) -> anyhow::Result<()> {
+    let m = http_get(addrs.admin, "/metrics").await?.1;
+    let client = format!("client_id=\"{CLIENT_ID}\"");
+    println!("server-side tern, from its /metrics:");
+    println!(
+        "  connections from {CLIENT_ID}: {}",
+        metric_value(&m, "tern_tcp_connections_total", &client)
+    );
+    println!(
+        "  authorization: {} allowed, {} denied",
+        metric_value(&m, "tern_inbound_authz_total", "decision=\"allow\""),
+        metric_value(&m, "tern_inbound_authz_total", "decision=\"deny\"")
+    );
+    print_process(&m);
+    Ok(())
+}
+
+fn print_process(m: &str) {
+    println!(
+        "  process (all proxies share this demo process): RSS {}, CPU {:.2}s\n",
+        human_bytes(metric_value(m, "process_resident_memory_bytes", "") as u64),
+        metric_value(m, "process_cpu_seconds_total", "")
+    );
 }
 
 /// Sums the samples of `name` whose labels contain `label` (empty: every sample).

@@ -31,6 +31,12 @@ pub enum CloseReason {
     Limit,
     /// The shutdown grace period ended with the connection still open.
     Shutdown,
+    /// A TLS handshake with a peer proxy failed (bad certificate, wrong identity, not tern).
+    TlsError,
+    /// Inbound policy denied the client.
+    Unauthorized,
+    /// `--require-mtls` is set and the destination is not meshed.
+    MtlsRequired,
 }
 
 impl CloseReason {
@@ -45,6 +51,9 @@ impl CloseReason {
             CloseReason::NoOrigDst => "no_orig_dst",
             CloseReason::Limit => "limit",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::TlsError => "tls_error",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::MtlsRequired => "mtls_required",
         }
     }
 }
@@ -75,6 +84,14 @@ pub enum ConnError {
     OrigDst(#[source] io::Error),
     #[error("forwarding failed: {0}")]
     Io(#[from] io::Error),
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::client::MeshError),
+    #[error("inbound policy denied the client: {0}")]
+    Unauthorized(#[from] crate::inbound::policy::Denied),
+    #[error("{0} is not meshed and --require-mtls is set")]
+    MtlsRequired(OrigDstAddr),
+    #[error("TLS handshake with a mesh client failed: {0}")]
+    Handshake(#[source] io::Error),
 }
 
 impl ConnError {
@@ -86,6 +103,10 @@ impl ConnError {
             ConnError::Loop(_) => CloseReason::Loop,
             ConnError::NoOrigDst | ConnError::OrigDst(_) => CloseReason::NoOrigDst,
             ConnError::Io(_) => CloseReason::IoError,
+            ConnError::Mesh(e) => e.reason(),
+            ConnError::Unauthorized(_) => CloseReason::Unauthorized,
+            ConnError::MtlsRequired(_) => CloseReason::MtlsRequired,
+            ConnError::Handshake(_) => CloseReason::TlsError,
         }
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `tern_tcp_connections_total` | counter | `direction` |
+//! | `tern_tcp_connections_total` | counter | `direction`, `tls`, `client_id`, `server_id` |
 //! | `tern_tcp_connections_closed_total` | counter | `direction`, `reason` |
 //! | `tern_tcp_connections_open` | gauge | `direction` |
 //! | `tern_tcp_read_bytes_total` | counter | `direction` (bytes read from the accepted peer) |
@@ -13,7 +13,6 @@
 //! | `tern_build_info` | gauge (1) | `version`, `rustc`-free: `version`, `profile` |
 //! | `process_*` | see [`ProcessCollector`] | |
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -42,9 +41,52 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+/// Whether a connection crossed the mesh over mTLS (label values `true` / `false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tls {
+    Yes,
+    No,
+}
+
+impl EncodeLabelValue for Tls {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let v = match self {
+            Tls::Yes => "true",
+            Tls::No => "false",
+        };
+        EncodeLabelValue::encode(&v, encoder)
+    }
+}
+
+/// Labels of a proxied TCP connection. `client_id` is the verified SPIFFE ID of an inbound mesh
+/// client, `server_id` the one an outbound mesh peer proved; empty when not meshed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: Direction,
+    pub tls: Tls,
+    pub client_id: String,
+    pub server_id: String,
+}
+
+impl TcpLabels {
+    /// A connection that is not (or not yet known to be) meshed.
+    pub fn plain(direction: Direction) -> Self {
+        TcpLabels {
+            direction,
+            tls: Tls::No,
+            client_id: String::new(),
+            server_id: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct CloseLabels {
-    pub direction: Direction,
+    #[prometheus(flatten)]
+    pub conn: TcpLabels,
     pub reason: CloseReason,
 }
 
@@ -61,12 +103,12 @@ pub fn duration_buckets() -> impl Iterator<Item = f64> {
 /// TCP golden metrics, by direction.
 #[derive(Debug, Clone)]
 pub struct TcpMetrics {
-    opened: Family<DirectionLabels, Counter>,
+    opened: Family<TcpLabels, Counter>,
     closed: Family<CloseLabels, Counter>,
-    open: Family<DirectionLabels, Gauge>,
-    read_bytes: Family<DirectionLabels, Counter>,
-    write_bytes: Family<DirectionLabels, Counter>,
-    duration: Family<DirectionLabels, Histogram>,
+    open: Family<TcpLabels, Gauge>,
+    read_bytes: Family<TcpLabels, Counter>,
+    write_bytes: Family<TcpLabels, Counter>,
+    duration: Family<TcpLabels, Histogram>,
 }
 
 impl TcpMetrics {
@@ -113,28 +155,32 @@ impl TcpMetrics {
         m
     }
 
-    /// Counts a newly accepted connection; the returned handle is the connection's view.
-    pub fn conn(&self, direction: Direction) -> ConnMetrics {
-        let labels = DirectionLabels { direction };
+    /// Counts a connection (once its labels are known); the handle is the connection's view.
+    pub fn conn(&self, labels: TcpLabels) -> ConnMetrics {
         self.opened.get_or_create(&labels).inc();
         self.open.get_or_create(&labels).inc();
         ConnMetrics {
             read: self.read_bytes.get_or_create(&labels).clone(),
             write: self.write_bytes.get_or_create(&labels).clone(),
-            direction,
+            labels,
             tcp: self.clone(),
         }
     }
 
-    fn close(&self, direction: Direction, reason: CloseReason, lifetime: Duration) {
-        let labels = DirectionLabels { direction };
-        self.open.get_or_create(&labels).dec();
-        self.closed
-            .get_or_create(&CloseLabels { direction, reason })
-            .inc();
+    /// Counts a connection refused before it was forwarded (opened and closed at once).
+    pub fn refused(&self, direction: Direction, reason: CloseReason) {
+        self.conn(TcpLabels::plain(direction))
+            .closed(reason, Duration::ZERO);
+    }
+
+    fn close(&self, conn: TcpLabels, reason: CloseReason, lifetime: Duration) {
+        self.open.get_or_create(&conn).dec();
         self.duration
-            .get_or_create(&labels)
+            .get_or_create(&conn)
             .observe(lifetime.as_secs_f64());
+        self.closed
+            .get_or_create(&CloseLabels { conn, reason })
+            .inc();
     }
 }
 
@@ -145,14 +191,14 @@ pub struct ConnMetrics {
     pub read: Counter,
     /// Bytes written to the accepted peer.
     pub write: Counter,
-    direction: Direction,
+    labels: TcpLabels,
     tcp: TcpMetrics,
 }
 
 impl ConnMetrics {
     /// Records the close. Consumes the handle so a connection closes once.
     pub fn closed(self, reason: CloseReason, lifetime: Duration) {
-        self.tcp.close(self.direction, reason, lifetime);
+        self.tcp.close(self.labels, reason, lifetime);
     }
 }
 
@@ -302,31 +348,6 @@ impl Collector for ProcessCollector {
     }
 }
 
-/// The proxy's metrics, one struct per subsystem, and the registry that exports them.
-#[derive(Debug)]
-pub struct Metrics {
-    pub registry: Arc<Registry>,
-    pub tcp: TcpMetrics,
-}
-
-impl Metrics {
-    pub fn new() -> Self {
-        let mut root = Registry::default();
-        register_build_and_process(&mut root);
-        let tcp = TcpMetrics::register(root.sub_registry_with_prefix("tern"));
-        Self {
-            registry: Arc::new(root),
-            tcp,
-        }
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Encodes a registry in Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::with_capacity(8 * 1024);
@@ -342,34 +363,28 @@ mod tests {
 
     #[test]
     fn tcp_metrics_count_and_close() {
-        let m = Metrics::new();
-        let c = m.tcp.conn(Direction::inbound);
+        let mut registry = Registry::default();
+        register_build_and_process(&mut registry);
+        let tcp = TcpMetrics::register(registry.sub_registry_with_prefix("tern"));
+        let c = tcp.conn(TcpLabels::plain(Direction::inbound));
         c.read.inc_by(10);
         c.write.inc_by(7);
         c.closed(CloseReason::Eof, Duration::from_millis(3));
-        let text = encode(&m.registry);
-        assert!(
-            text.contains("tern_tcp_connections_total{direction=\"inbound\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tern_tcp_read_bytes_total{direction=\"inbound\"} 10"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tern_tcp_write_bytes_total{direction=\"inbound\"} 7"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tern_tcp_connections_open{direction=\"inbound\"} 0"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "tern_tcp_connections_closed_total{direction=\"inbound\",reason=\"eof\"} 1"
-            ),
-            "{text}"
-        );
+        let text = encode(&registry);
+        let l = "direction=\"inbound\",tls=\"false\",client_id=\"\",server_id=\"\"";
+        for (name, value) in [
+            ("tern_tcp_connections_total", 1),
+            ("tern_tcp_read_bytes_total", 10),
+            ("tern_tcp_write_bytes_total", 7),
+            ("tern_tcp_connections_open", 0),
+        ] {
+            assert!(
+                text.contains(&format!("{name}{{{l}}} {value}")),
+                "{name}: {text}"
+            );
+        }
+        let closed = format!("tern_tcp_connections_closed_total{{{l},reason=\"eof\"}} 1");
+        assert!(text.contains(&closed), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
         assert!(text.contains("process_cpu_seconds_total"), "{text}");
         assert!(text.contains("tern_build_info{"), "{text}");
