@@ -20,7 +20,8 @@ ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="tern" \
       org.opencontainers.image.description="A sidecar micro-proxy for Kubernetes service meshes" \
       org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.source="https://github.com/tern-mesh/tern"
+      org.opencontainers.image.source="https://github.com/tern-mesh/tern" \
+      org.opencontainers.image.licenses="Apache-2.0"
 # iptables (nft and legacy backends) for `tern init`; nothing else is added.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables \

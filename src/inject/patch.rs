@@ -585,7 +585,8 @@ mod tests {
             .expect("init containers");
         // tern-init: TERN_PROXY_UID and the three skip lists are all `tern init` flags.
         assert_eq!(parse_env_as_flags(&inits[0], "init"), 4);
-        // tern-proxy: at least the log and shutdown settings; more as `tern proxy` grows flags.
-        assert!(parse_env_as_flags(&inits[1], "proxy") >= 3);
+        // tern-proxy: log, log format, shutdown grace, identity dir, default inbound policy (and
+        // any variable `tern proxy` learns later is checked as soon as it has the flag).
+        assert!(parse_env_as_flags(&inits[1], "proxy") >= 5);
     }
 }
