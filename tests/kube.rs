@@ -402,6 +402,27 @@ fn deploy_manifests_validate() {
             .find(|e| e["name"] == "TERN_PROXY_IMAGE")
             .expect("TERN_PROXY_IMAGE");
         assert_eq!(proxy_image["value"], container["image"]);
+        // Changing the image in kustomization.yaml changes what the injector injects too.
+        let copy = tempfile::tempdir().expect("tempdir");
+        for entry in std::fs::read_dir(root().join("deploy")).expect("deploy/") {
+            let path = entry.expect("entry").path();
+            if path.is_file() {
+                let text = std::fs::read_to_string(&path).expect("readable");
+                let text = text.replace("newTag: 0.1.0", "newTag: 9.9.9-test");
+                std::fs::write(copy.path().join(path.file_name().expect("name")), text)
+                    .expect("writes");
+            }
+        }
+        let out = Command::new("kubectl")
+            .args(["kustomize", &copy.path().to_string_lossy()])
+            .output()
+            .expect("kubectl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.matches("ghcr.io/tern-mesh/tern:9.9.9-test").count(),
+            2,
+            "image and TERN_PROXY_IMAGE: {text}"
+        );
         validate("kubectl kustomize deploy", &rendered);
         validate(
             "kubectl kustomize deploy/monitoring",
