@@ -1,5 +1,6 @@
-//! Sidecar injection: the pure [`patch`] core, `tern inject` ([`cli`]) and the `tern injector`
-//! admission webhook ([`webhook`]).
+//! Sidecar injection: the pure [`patch`] core with its validated `config.tern.io/*`
+//! [`settings`], `tern inject` ([`cli`]) and the `tern injector` admission webhook ([`webhook`],
+//! with its cached Namespace lookups in [`namespaces`]).
 //!
 //! ```text
 //!  YAML docs ──▶ cli ──┐                                  ┌──▶ patched YAML (stdout)
@@ -12,6 +13,7 @@
 //! Metrics: only the webhook's (see [`webhook`]). Errors: [`PatchError`], [`WorkloadError`].
 
 pub mod cli;
+pub mod namespaces;
 pub mod patch;
 pub mod settings;
 pub mod webhook;
