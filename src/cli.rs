@@ -32,6 +32,10 @@ pub enum Command {
     Init(InitArgs),
     /// Run a small mesh on loopback (no root, no iptables) and show what the proxies see.
     Demo(DemoArgs),
+    /// Inject the tern sidecar into Kubernetes YAML (files or stdin) and write it to stdout.
+    Inject(InjectArgs),
+    /// Run the mutating admission webhook that injects the tern sidecar into new pods.
+    Injector(Box<InjectorArgs>),
 }
 
 /// Logging, shared by every subcommand.
@@ -276,6 +280,109 @@ pub struct DemoArgs {
     pub connections: usize,
 }
 
+/// What the injected sidecar looks like; shared by `tern inject` and `tern injector`.
+#[derive(Debug, Clone, Args)]
+pub struct SidecarArgs {
+    /// Image of the `tern-init` and `tern-proxy` containers.
+    #[arg(long = "proxy-image", env = "TERN_PROXY_IMAGE", default_value = concat!("ghcr.io/tern-mesh/tern:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+
+    /// `imagePullPolicy` of the injected containers (Always, IfNotPresent, Never); unset leaves
+    /// Kubernetes' default.
+    #[arg(long = "proxy-image-pull-policy", env = "TERN_PROXY_IMAGE_PULL_POLICY", value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: Option<String>,
+
+    /// Run the proxy as a native sidecar (an init container with `restartPolicy: Always`,
+    /// Kubernetes >= 1.29); `false` makes it the first regular container. A pod's
+    /// `config.tern.io/native-sidecar` annotation overrides this.
+    #[arg(long, env = "TERN_NATIVE_SIDECAR", action = clap::ArgAction::Set, default_value_t = true)]
+    pub native_sidecar: bool,
+
+    /// UID and GID of the proxy; `tern init` exempts this UID's traffic from redirection.
+    #[arg(long = "proxy-uid", env = "TERN_PROXY_UID", default_value_t = 2102)]
+    pub proxy_uid: i64,
+}
+
+/// Flags of `tern inject`.
+#[derive(Debug, Clone, Args)]
+pub struct InjectArgs {
+    /// YAML files to read (multi-document streams and `List` objects are fine); `-` or none
+    /// reads stdin.
+    #[arg(env = "TERN_INJECT_FILES", value_delimiter = ',')]
+    pub files: Vec<std::path::PathBuf>,
+
+    /// Inject every workload not annotated `tern.io/inject: disabled`, not only those whose pod
+    /// template or Namespace (in the same input) is annotated `tern.io/inject: enabled`.
+    #[arg(long, env = "TERN_INJECT_ALL")]
+    pub all: bool,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+/// Flags of `tern injector`.
+#[derive(Debug, Clone, Args)]
+pub struct InjectorArgs {
+    /// HTTPS address of the webhook (`POST /inject`, plus `/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "TERN_INJECTOR_ADDR", default_value = "[::]:8443")]
+    pub listen_addr: SocketAddr,
+
+    /// Plain-HTTP address for probes and Prometheus (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "TERN_INJECTOR_ADMIN_ADDR", default_value = "[::]:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// PEM certificate chain the webhook serves (reloaded when it changes).
+    #[arg(
+        long,
+        env = "TERN_INJECTOR_TLS_CERT",
+        default_value = "/var/run/tern/injector-tls/tls.crt"
+    )]
+    pub tls_cert: std::path::PathBuf,
+
+    /// PEM private key of the serving certificate (reloaded when it changes).
+    #[arg(
+        long,
+        env = "TERN_INJECTOR_TLS_KEY",
+        default_value = "/var/run/tern/injector-tls/tls.key"
+    )]
+    pub tls_key: std::path::PathBuf,
+
+    /// How often the certificate and key files are checked for changes.
+    #[arg(long, env = "TERN_INJECTOR_TLS_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub tls_reload_interval: Duration,
+
+    /// Kubernetes API server URL, for reading Namespace annotations (`http://` only for tests).
+    #[arg(
+        long,
+        env = "TERN_KUBE_API_URL",
+        default_value = "https://kubernetes.default.svc"
+    )]
+    pub kube_api_url: String,
+
+    /// Bearer token file for the API server (re-read on every request: tokens rotate).
+    #[arg(
+        long,
+        env = "TERN_KUBE_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kube_token_file: std::path::PathBuf,
+
+    /// CA bundle that signs the API server's certificate.
+    #[arg(
+        long,
+        env = "TERN_KUBE_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kube_ca_file: std::path::PathBuf,
+
+    /// How long a Namespace's annotations are cached.
+    #[arg(long, env = "TERN_NAMESPACE_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub namespace_cache_ttl: Duration,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,5 +439,38 @@ mod tests {
         let err = Cli::try_parse_from(["tern", "init", "--skip-subnets", "10.0.0/8"])
             .expect_err("bad cidr");
         assert!(err.to_string().contains("--skip-subnets"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod inject_tests {
+    use super::*;
+
+    #[test]
+    fn inject_and_injector_parse() {
+        let cli = Cli::try_parse_from([
+            "tern",
+            "inject",
+            "a.yaml",
+            "--all",
+            "--native-sidecar",
+            "false",
+        ])
+        .expect("parses");
+        let Command::Inject(args) = cli.command else {
+            panic!("expected inject");
+        };
+        assert!(args.all && !args.sidecar.native_sidecar);
+        assert_eq!(args.sidecar.proxy_uid, 2102);
+        let cli = Cli::try_parse_from(["tern", "injector", "--kube-api-url", "http://127.0.0.1:1"])
+            .expect("parses");
+        let Command::Injector(args) = cli.command else {
+            panic!("expected injector");
+        };
+        assert_eq!(args.listen_addr.port(), 8443);
+        assert!(args.sidecar.native_sidecar);
+        let err = Cli::try_parse_from(["tern", "injector", "--namespace-cache-ttl", "soon"])
+            .expect_err("bad duration");
+        assert!(err.to_string().contains("--namespace-cache-ttl"), "{err}");
     }
 }

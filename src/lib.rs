@@ -14,6 +14,7 @@
 //! - [`transport`]: listeners, `SO_ORIGINAL_DST`, connect, half-close aware copy.
 //! - [`admin`], [`metrics`], [`drain`]: the admin server, the registry, graceful shutdown.
 //! - [`init`]: the iptables planner and executor behind `tern init`.
+//! - [`inject`]: the sidecar injector behind `tern inject` and `tern injector`.
 //! - [`demo`]: the loopback mesh behind `tern demo`.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod forward;
 pub mod http;
 pub mod inbound;
 pub mod init;
+pub mod inject;
 pub mod layers;
 pub mod logging;
 pub mod mesh;

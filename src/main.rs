@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         Command::Proxy(args) => tern::app::main(&args),
         Command::Init(args) => tern::init::main(&args),
         Command::Demo(args) => tern::demo::main(&args),
+        Command::Inject(args) => tern::inject::cli::main(&args),
+        Command::Injector(args) => tern::inject::webhook::main(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
