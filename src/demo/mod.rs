@@ -2,9 +2,13 @@
 //! (rcgen) mints three SPIFFE identities, and real proxies carry real traffic over mTLS.
 //!
 //! ```text
-//!  demo clients ─▶ client-side tern (outbound, explicit mode) ═mTLS═▶ server-side tern (inbound) ─▶ echo app
-//!  intruder     ─▶ intruder tern (another identity)             ═mTLS═▶ refused by the server's policy
+//!  TCP clients  ─▶ client-side tern (tcp)  ═mTLS═╗
+//!  HTTP clients ─▶ client-side tern (http) ═mTLS═╬═▶ server-side tern ─┬─▶ echo app (TCP)
+//!  intruder     ─▶ intruder tern           ═mTLS═╝   (policy)          └─▶ HTTP/1 + h2c + gRPC app
 //! ```
+//!
+//! Explicit mode gives each client-side listener one target, so the TCP and HTTP clients go
+//! through two client-side proxies with the same identity; in a pod, one proxy does both.
 //!
 //! It pushes traffic through both proxies for `--duration`, then reads each proxy's `/metrics`
 //! over HTTP, exactly as Prometheus would, and prints what they saw.
@@ -26,6 +30,8 @@ use crate::drain::Drain;
 use crate::tls::SpiffeId;
 use crate::tls::mint::TestCa;
 
+mod web;
+
 /// Runs the demo and prints its report to stdout.
 pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     let rt = crate::app::runtime(1).context("building the runtime")?;
@@ -45,10 +51,15 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         Ok(ca.issue(&id, Duration::from_secs(3600))?.identity()?)
     };
     let app = spawn_echo_app().await?;
+    let http_app = web::spawn_app().await?;
 
-    // The server side: only the client's identity may reach the echo port.
-    let mut server_cfg = loopback_config(TargetMode::OrigDst, TargetMode::Fixed(app));
-    server_cfg.inbound_policy = vec![format!("{}={CLIENT_ID}", app.port()).parse()?];
+    // The server side: only the client's identity may reach the apps' ports. Mesh streams name
+    // their port, and the proxy connects to it on loopback (its own address).
+    let mut server_cfg = loopback_config(TargetMode::OrigDst, TargetMode::OrigDst);
+    server_cfg.inbound_policy = vec![
+        format!("{}={CLIENT_ID}", app.port()).parse()?,
+        format!("{}={CLIENT_ID}", http_app.port()).parse()?,
+    ];
     let server = Proxy::bind_with_identity(server_cfg, Some(identity(ECHO_ID)?))?;
     let server_addrs = server.addrs()?;
 
@@ -58,24 +69,27 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     std::fs::write(
         &discovery,
         format!(
-            "services:\n  - name: echo.demo\n    endpoints:\n      - address: \"{app}\"\n        identity: {ECHO_ID}\n        mesh_port: {}\n",
-            server_addrs.inbound.port()
+            "services:\n  - name: echo.demo\n    endpoints:\n      - address: \"{app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n  - name: web.demo\n    endpoints:\n      - address: \"{http_app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n",
+            port = server_addrs.inbound.port()
         ),
     )
     .context("writing the demo discovery file")?;
-    let client_side = |id: &str| -> anyhow::Result<Proxy> {
-        let mut c = loopback_config(TargetMode::Fixed(app), TargetMode::OrigDst);
+    let client_side = |id: &str, target: SocketAddr| -> anyhow::Result<Proxy> {
+        let mut c = loopback_config(TargetMode::Fixed(target), TargetMode::OrigDst);
         c.discovery_file = Some(discovery.clone());
         Proxy::bind_with_identity(c, Some(identity(id)?))
     };
-    let client = client_side(CLIENT_ID)?;
+    let client = client_side(CLIENT_ID, app)?;
     let client_addrs = client.addrs()?;
-    let intruder = client_side(INTRUDER_ID)?;
+    let http_client = client_side(CLIENT_ID, http_app)?;
+    let http_addrs = http_client.addrs()?;
+    let intruder = client_side(INTRUDER_ID, app)?;
     let intruder_addrs = intruder.addrs()?;
     let entry = client_addrs.outbound[0];
 
     println!("  in-memory CA          trust domain {TRUST_DOMAIN}");
-    println!("  echo app              {app}");
+    println!("  echo app (TCP)        {app}");
+    println!("  web app               {http_app}  (HTTP/1, h2c, gRPC)");
     println!("  server-side tern      {ECHO_ID}");
     println!(
         "                        mesh {}  admin http://{}/metrics",
@@ -83,14 +97,18 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     );
     println!("  client-side tern      {CLIENT_ID}");
     println!(
-        "                        outbound {entry}  admin http://{}/metrics",
+        "                        tcp outbound {entry}  admin http://{}/metrics",
         client_addrs.admin
     );
+    println!(
+        "                        http outbound {}  admin http://{}/metrics",
+        http_addrs.outbound[0], http_addrs.admin
+    );
     println!("  intruder tern         {INTRUDER_ID}");
-    println!("  policy on the echo port admits only {CLIENT_ID}\n");
+    println!("  policy on the apps' ports admits only {CLIENT_ID}\n");
 
     let mut running = Vec::new();
-    for proxy in [server, client, intruder] {
+    for proxy in [server, client, http_client, intruder] {
         let (drain, watch) = Drain::new();
         running.push((drain.clone(), tokio::spawn(proxy.run(drain, watch))));
     }
@@ -126,6 +144,8 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
     report_client(&client_addrs).await?;
     report_server(&server_addrs).await?;
+
+    web::run(http_addrs.outbound[0], http_addrs.admin, args.duration).await?;
 
     for (drain, _) in &running {
         drain.start();
@@ -183,6 +203,9 @@ async fn spawn_echo_app() -> anyhow::Result<SocketAddr> {
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            // Like any latency-sensitive server: without TCP_NODELAY, Nagle's algorithm and
+            // delayed ACKs add up to 40 ms to every small write.
+            let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
