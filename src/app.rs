@@ -542,3 +542,35 @@ mod tests {
         task.await.expect("join").expect("run ok");
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// Memory per connection is the product: guard the size of each direction's per-connection
+    /// future (the state every open connection holds, besides its buffers).
+    #[tokio::test]
+    async fn per_connection_futures_stay_small() {
+        let proxy = Proxy::bind(ProxyConfig::loopback()).expect("bind");
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (_client, (s1, peer)) = (a.expect("connect"), b.expect("accept"));
+        let (c2, b2) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (_c2, (s2, _)) = (c2.expect("connect"), b2.expect("accept"));
+        let inbound = proxy.inbound.clone().serve(s1, ClientAddr(peer));
+        let outbound = proxy.outbound.clone().serve(s2, ClientAddr(peer));
+        let (i, o) = (
+            std::mem::size_of_val(&inbound),
+            std::mem::size_of_val(&outbound),
+        );
+        eprintln!("per-connection future sizes: inbound {i} B, outbound {o} B");
+        assert!(i <= LIMIT, "inbound connection future grew to {i} bytes");
+        assert!(o <= LIMIT, "outbound connection future grew to {o} bytes");
+    }
+
+    /// The top-level futures box their protocol-specific stages (HTTP, mesh, opaque copy), so an
+    /// accepted connection holds only what it needs: measured at 600 B (inbound) and 928 B
+    /// (outbound) when this test was written, down from 5.8 KiB and 8.4 KiB unboxed.
+    const LIMIT: usize = 2 * 1024;
+}

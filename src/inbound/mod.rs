@@ -80,8 +80,8 @@ impl Inbound {
             }
         };
         match kind {
-            Kind::App(dst) => self.clone().serve_app(stream, dst, started).await,
-            Kind::Mesh => self.serve_mesh(stream, client).await,
+            Kind::App(dst) => Box::pin(self.clone().serve_app(stream, dst, started)).await,
+            Kind::Mesh => Box::pin(self.serve_mesh(stream, client)).await,
         }
     }
 
@@ -125,7 +125,8 @@ impl Inbound {
                         HttpVersion::H2 => Protocol::http2,
                     };
                     self.detect.record(Direction::inbound, protocol, took);
-                    http::serve_plain(self.clone(), io, version, dst, started).await;
+                    // Boxed: the HTTP state lives on the heap only for HTTP connections.
+                    Box::pin(http::serve_plain(self.clone(), io, version, dst, started)).await;
                     return;
                 }
                 Ok((Detected::Opaque(io), took)) => {

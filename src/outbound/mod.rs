@@ -122,7 +122,7 @@ impl Outbound {
             if forward::is_loop(Direction::outbound, &self.own_ports, dst) {
                 return Err(ConnError::Loop(dst));
             }
-            let routed = self.route(dst).await?;
+            let routed = Box::pin(self.route(dst)).await?;
             tracing::debug!(%client, %dst, target = ?routed.target, "routed");
             Ok((dst, routed))
         }
@@ -151,7 +151,8 @@ impl Outbound {
                     self.metrics
                         .detect
                         .record(Direction::outbound, protocol, took);
-                    http::serve(self.clone(), io, version, routed, started).await;
+                    // Boxed: the HTTP state lives on the heap only for HTTP connections.
+                    Box::pin(http::serve(self.clone(), io, version, routed, started)).await;
                     return;
                 }
                 Ok((Detected::Opaque(io), took)) => {
@@ -173,7 +174,7 @@ impl Outbound {
                 }
             }
         };
-        self.serve_tcp(io, routed.target, started).await;
+        Box::pin(self.serve_tcp(io, routed.target, started)).await;
     }
 
     async fn serve_tcp(&self, mut io: PrefixedIo<TcpStream>, target: Target, started: Instant) {
