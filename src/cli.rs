@@ -154,6 +154,12 @@ pub struct ProxyArgs {
     )]
     pub cluster_networks: Vec<IpNet>,
 
+    /// Networks never probed even inside --cluster-networks: the cluster's Service (ClusterIP)
+    /// ranges, whose VIPs have no mesh port (kube-proxy sends VIP traffic on to a pod, where it
+    /// arrives as app traffic). Comma-separated CIDRs.
+    #[arg(long, env = "TERN_SERVICE_NETWORKS", value_delimiter = ',')]
+    pub service_networks: Vec<IpNet>,
+
     /// Connect timeout when probing a destination's mesh port.
     #[arg(long, env = "TERN_PROBE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "300ms")]
     pub probe_timeout: Duration,

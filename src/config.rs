@@ -83,6 +83,7 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde_compat")]
     pub discovery_reload_interval: Duration,
     pub cluster_networks: Vec<IpNet>,
+    pub service_networks: Vec<IpNet>,
     #[serde(with = "humantime_serde_compat")]
     pub probe_timeout: Duration,
     #[serde(with = "humantime_serde_compat")]
@@ -194,6 +195,7 @@ impl ProxyConfig {
             discovery_file: a.discovery_file.clone(),
             discovery_reload_interval: a.discovery_reload_interval,
             cluster_networks: a.cluster_networks.clone(),
+            service_networks: a.service_networks.clone(),
             probe_timeout: a.probe_timeout,
             probe_negative_ttl: a.probe_negative_ttl,
             require_mtls: a.require_mtls,
