@@ -306,11 +306,10 @@ impl Outbound {
         }
     }
 
+    /// Whether `ip` may have a mesh port: in the cluster's networks, not a Service VIP.
     fn in_cluster(&self, ip: IpAddr) -> bool {
-        self.config
-            .cluster_networks
-            .iter()
-            .any(|n: &IpNet| n.contains(&ip))
+        let within = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip));
+        within(&self.config.cluster_networks) && !within(&self.config.service_networks)
     }
 
     fn known_not_meshed(&self, ip: IpAddr) -> bool {
