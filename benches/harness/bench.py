@@ -452,7 +452,7 @@ def loadgen(cmd, timeout):
 
 def oha_rate(host, port, rate, conns, dur, disable_keepalive=False) -> LoadResult:
     cmd = [TOOLS["oha"], "--no-tui", "--output-format", "json", "-z", f"{dur}s", "-c", str(conns),
-           "-q", str(rate), "--latency-correction"]
+           "-q", str(rate), "--latency-correction", "-w"]
     if disable_keepalive:
         cmd.append("--disable-keepalive")
     out = loadgen(cmd + [f"http://{host}:{port}/"], dur + 30)
@@ -460,6 +460,8 @@ def oha_rate(host, port, rate, conns, dur, disable_keepalive=False) -> LoadResul
     ok = sum(v for k, v in j["statusCodeDistribution"].items() if k.startswith("2"))
     bad_status = sum(v for k, v in j["statusCodeDistribution"].items() if not k.startswith("2"))
     errs = sum(j["errorDistribution"].values())
+    if errs:
+        log(f"oha errors at {rate} rps: {j['errorDistribution']}")
     lp = j["latencyPercentiles"]
     return LoadResult(requests=ok, errors=errs + bad_status, rps=j["summary"]["requestsPerSec"],
                       p50_ms=lp["p50"] * 1e3, p90_ms=lp["p90"] * 1e3, p99_ms=lp["p99"] * 1e3)
@@ -691,6 +693,19 @@ def main():
     pods = Pods(WORK)
     load_start = open("/proc/loadavg").read().split()[:3]
     log(f"bench: reps={REPS} duration={DUR}s rates={RATES} scenarios={scen} protocols={protos} out={out_dir}")
+    meta = {"date": date, "machine": machine(), "versions": versions(), "reps": REPS,
+            "duration_s": DUR, "quick": QUICK, "nice": NICE,
+            "loadavg": {"start": load_start, "end": load_start},
+            "command": os.environ.get("BENCH_COMMAND", "benches/harness/run.sh"),
+            "raw": str(out_dir.relative_to(ROOT) / "raw.csv")}
+    # written now too, so `report.py raw.csv meta.json` can render a partial run
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def interrupted(signum, _frame):
+        raise SystemExit(f"bench: interrupted by signal {signum}")  # runs the cleanup below
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         pods.up()
         # origins in the server pod, pinned with the proxies (they are "the app")
@@ -734,10 +749,7 @@ def main():
                         rec.add(rep, proto, s.name, "run", "failed", "", 1)
     finally:
         pods.down()
-    meta = {"date": date, "machine": machine(), "versions": versions(), "reps": REPS,
-            "duration_s": DUR, "quick": QUICK, "nice": NICE,
-            "loadavg": {"start": load_start, "end": open("/proc/loadavg").read().split()[:3]}, "command": os.environ.get("BENCH_COMMAND", "benches/harness/run.sh"),
-            "raw": str(out_dir.relative_to(ROOT) / "raw.csv")}
+    meta["loadavg"]["end"] = open("/proc/loadavg").read().split()[:3]
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     sys.path.insert(0, str(HARNESS))
     import report  # noqa: E402
