@@ -386,3 +386,165 @@ fn websocket_upgrade_is_tunneled_opaque_through_mtls() {
     assert!(out_read.is_some_and(|n| n > 360_000.0), "{out_read:?}");
     assert_eq!(out_read, in_read, "both proxies counted the same bytes");
 }
+
+/// nginx on B: HTTP/1.1 on 8090, h2c (prior knowledge) on 8091, a fixed 13-byte answer.
+fn nginx(b: &Netns, dir: &std::path::Path) -> Proc {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\n\
+             pid {pid};\n\
+             error_log stderr warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n\
+               access_log off;\n\
+               keepalive_requests 1000000;\n\
+               server {{ listen {B_V4}:8090; location / {{ return 200 \"hello bench\\n\"; }} }}\n\
+               server {{ listen {B_V4}:8091 http2; location / {{ return 200 \"hello bench\\n\"; }} }}\n\
+             }}\n",
+            pid = dir.join("nginx.pid").display()
+        ),
+    )
+    .expect("write nginx.conf");
+    let conf = conf.to_str().expect("utf-8");
+    let p = b.spawn(
+        "nginx",
+        &["nginx", "-c", conf, "-e", "stderr", "-g", "daemon off;"],
+    );
+    b.wait_listening(B_V4, 8090);
+    b.wait_listening(B_V4, 8091);
+    p
+}
+
+/// `oha` at a fixed rate; returns (requests/s, p50 ms, p99 ms) after checking every answer was 200.
+fn oha(a: &Netns, url: &str, rate: u32, h2: bool) -> (f64, f64, f64) {
+    let oha = std::env::var("OHA").unwrap_or_else(|_| "/root/.cargo/bin/oha".into());
+    let rate = rate.to_string();
+    let mut argv = vec![
+        "timeout",
+        "60",
+        oha.as_str(),
+        "-z",
+        "10s",
+        "-q",
+        &rate,
+        "-c",
+        "16",
+        "--latency-correction",
+        "--no-tui",
+        "--output-format",
+        "json",
+    ];
+    if h2 {
+        argv.push("--http2");
+    }
+    argv.push(url);
+    let out = a.run_ok(&argv);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("oha json");
+    let codes = &v["statusCodeDistribution"];
+    let ok = codes["200"].as_f64().unwrap_or(0.0);
+    let all: f64 = codes
+        .as_object()
+        .map(|m| m.values().filter_map(|n| n.as_f64()).sum())
+        .unwrap_or(0.0);
+    assert!(ok > 0.0 && ok == all, "all 200: {codes}");
+    let p = &v["latencyPercentiles"];
+    (
+        v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p["p50"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+        p["p99"].as_f64().unwrap_or(f64::NAN) * 1000.0,
+    )
+}
+
+/// `h2load` flat out; returns (requests/s, p50 ms, p99 ms) from its per-request log.
+fn h2load(a: &Netns, url: &str, dir: &std::path::Path) -> (f64, f64, f64) {
+    let log = dir.join("h2load.log");
+    let log_s = log.to_str().expect("utf-8");
+    let out = a.run_ok(&[
+        "timeout",
+        "120",
+        "h2load",
+        "-n",
+        "50000",
+        "-c",
+        "4",
+        "-m",
+        "10",
+        "--log-file",
+        log_s,
+        url,
+    ]);
+    assert!(out.contains("status codes: 50000 2xx"), "{out}");
+    let rps: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .expect("h2load req/s");
+    let mut us: Vec<f64> = std::fs::read_to_string(&log)
+        .expect("h2load log")
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    us.sort_by(f64::total_cmp);
+    let pct = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)] / 1000.0;
+    (rps, pct(0.5), pct(0.99))
+}
+
+/// Requests/s and p50/p99 latency for HTTP/1 (fixed rate, oha) and HTTP/2 (fixed rate, oha; and
+/// flat out, h2load) direct between the pods, through both proxies in plaintext, and through
+/// both proxies over mTLS. Figures only. Run:
+/// `cargo test --release --test e2e -- --ignored --nocapture latency`.
+#[test]
+#[ignore = "benchmark; run explicitly with --release --ignored --nocapture"]
+fn latency_http1_and_http2_direct_plain_and_mtls() {
+    if !support::ready() || !support::have(&["h2load", "nginx"], &[]) {
+        return;
+    }
+    let rate: u32 = std::env::var("RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2000);
+    let run = |label: &str, a: &Netns, b: &Netns| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _nginx = nginx(b, dir.path());
+        let h1 = format!("http://{B_V4}:8090/");
+        let h2 = format!("http://{B_V4}:8091/");
+        let (r, p50, p99) = oha(a, &h1, rate, false);
+        eprintln!(
+            "BENCH {label:6} http1 oha  -q {rate}: {r:8.0} req/s  p50 {p50:.3} ms  p99 {p99:.3} ms"
+        );
+        let (r, p50, p99) = oha(a, &h2, rate, true);
+        eprintln!(
+            "BENCH {label:6} http2 oha  -q {rate}: {r:8.0} req/s  p50 {p50:.3} ms  p99 {p99:.3} ms"
+        );
+        let (r, p50, p99) = h2load(a, &h2, dir.path());
+        eprintln!(
+            "BENCH {label:6} http2 h2load -c4 -m10: {r:8.0} req/s  p50 {p50:.3} ms  p99 {p99:.3} ms"
+        );
+    };
+    {
+        let (a, b) = support::pods();
+        run("direct", &a, &b);
+    }
+    {
+        let mesh = Mesh::start(&["--cluster-networks", support::CLUSTER_NETWORKS]);
+        run("plain", &mesh.a, &mesh.b);
+    }
+    {
+        let m = meshed();
+        run("mtls", &m.mesh.a, &m.mesh.b);
+        let text = m.mesh.b.metrics();
+        assert!(
+            metric(
+                &text,
+                "tern_http_requests_total",
+                &[("direction", "inbound"), ("tls", "true")]
+            )
+            .is_some_and(|n| n >= 50_000.0),
+            "the mTLS runs went through the mesh"
+        );
+    }
+}
