@@ -5,6 +5,7 @@
 //! mesh stream ─▶ tern-target port ─▶ policy(port, client id) ─▶ strip tern-*, add tern-client-id
 //!             ─▶ HTTP/1 to the app when tern-orig-proto says so, else h2c ─▶ app
 //! plain conn  ─▶ (policy checked per connection) ─▶ strip tern-* ─▶ same protocol ─▶ app
+//!                  └▶ denied: every request answered 403 (gRPC PERMISSION_DENIED), none forwarded
 //! ```
 //!
 //! Metrics: `tern_http_*{direction="inbound"}`, with `tls` and `client_id`.
@@ -34,13 +35,15 @@ use crate::transport::prefixed::PrefixedIo;
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
 
-/// Serves a non-meshed client's HTTP connection, forwarding to `app`.
+/// Serves a non-meshed client's HTTP connection, forwarding to `app`; when the policy denied the
+/// connection (`allowed` false), every request is answered 403 / PERMISSION_DENIED instead.
 pub async fn serve_plain(
     inbound: Arc<Inbound>,
     io: PrefixedIo<TcpStream>,
     version: HttpVersion,
     app: OrigDstAddr,
     started: std::time::Instant,
+    allowed: bool,
 ) {
     let labels = RequestLabels {
         direction: Direction::inbound,
@@ -54,6 +57,7 @@ pub async fn serve_plain(
         app,
         version,
         meshed: false,
+        allowed,
     });
     let conn = inbound
         .tcp
@@ -156,6 +160,7 @@ async fn from_mesh_inner(
         app,
         version: app_version,
         meshed: true,
+        allowed: true,
     });
     // ToApp is always ready; naming the boxed future keeps its Send-ness concrete.
     let fut: ResponseFuture = svc.call(req);
@@ -191,6 +196,8 @@ struct ToApp {
     version: HttpVersion,
     /// Whether requests come from a verified mesh client (tern-client-id is ours).
     meshed: bool,
+    /// False when the inbound policy denied the connection: requests are answered 403.
+    allowed: bool,
 }
 
 impl Service<Request<Incoming>> for ToApp {
@@ -225,6 +232,10 @@ impl Service<Request<Incoming>> for ToApp {
 
 impl ToApp {
     async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+        if !self.allowed {
+            let grpc = h::is_grpc(req.headers());
+            return Ok(rescue::response(ProxyError::unauthorized, grpc));
+        }
         let mut req = req.map(h::boxed);
         // A plain client's tern-* headers are forged by definition; a mesh request was cleaned
         // by `from_mesh`, which added the verified tern-client-id.

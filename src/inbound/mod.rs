@@ -9,6 +9,8 @@
 //!                                             per HTTP stream    ─▶ http::from_mesh ─▶ app
 //! ```
 //!
+//! A plaintext connection the policy denies is closed, except HTTP: its requests get 403.
+//!
 //! In explicit mode (`--inbound-target`) the app is the fixed target; a direct connection is a
 //! mesh connection when it opens with a TLS handshake, and plain app traffic otherwise.
 //! Metrics: `tern_tcp_*{direction="inbound"}`, `tern_inbound_authz_total`, `tern_mesh_*`.
@@ -106,14 +108,20 @@ impl Inbound {
     }
 
     async fn serve_app(self: Arc<Self>, stream: TcpStream, dst: OrigDstAddr, started: Instant) {
-        if let Err(denied) = self.policy.authorize(dst.0.port(), None) {
+        // A denied connection is closed, unless it turns out to be HTTP: then each request gets
+        // a 403 (gRPC: PERMISSION_DENIED), which the client can tell from a network failure.
+        let denied = self.policy.authorize(dst.0.port(), None).err();
+        let refuse = |denied: policy::Denied| {
             let e = ConnError::from(denied);
             forward::log_failure(&e);
             self.tcp.refused(Direction::inbound, e.reason());
-            return;
-        }
+        };
         let _ = stream.set_nodelay(true);
         let mut io = if self.config.is_opaque_port(dst.0.port()) {
+            if let Some(denied) = denied {
+                refuse(denied);
+                return;
+            }
             self.detect
                 .record(Direction::inbound, Protocol::opaque_port, Duration::ZERO);
             PrefixedIo::new(Bytes::new(), stream)
@@ -125,8 +133,17 @@ impl Inbound {
                         HttpVersion::H2 => Protocol::http2,
                     };
                     self.detect.record(Direction::inbound, protocol, took);
+                    let allowed = denied.is_none();
                     // Boxed: the HTTP state lives on the heap only for HTTP connections.
-                    Box::pin(http::serve_plain(self.clone(), io, version, dst, started)).await;
+                    Box::pin(http::serve_plain(
+                        self.clone(),
+                        io,
+                        version,
+                        dst,
+                        started,
+                        allowed,
+                    ))
+                    .await;
                     return;
                 }
                 Ok((Detected::Opaque(io), took)) => {
@@ -146,6 +163,10 @@ impl Inbound {
                 }
             }
         };
+        if let Some(denied) = denied {
+            refuse(denied);
+            return;
+        }
         let metrics = self.tcp.conn(TcpLabels::plain(Direction::inbound));
         let result = forward::plain(&mut io, dst, &self.config, &forward::counters(&metrics)).await;
         forward::finish(metrics, started, result);

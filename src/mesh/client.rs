@@ -128,6 +128,21 @@ impl MeshClient {
         &self.metrics
     }
 
+    /// The identity the pooled connection to `addr` (for `expected`) proved, without connecting:
+    /// `None` when there is no such connection yet (or it is being made right now).
+    pub fn peer_id(&self, addr: SocketAddr, expected: &ExpectedServer) -> Option<PeerId> {
+        let slot = {
+            let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.get(&PoolKey {
+                addr,
+                expected: expected.clone(),
+            })?
+            .clone()
+        };
+        let slot = slot.try_lock().ok()?;
+        slot.as_ref().map(|p| p.server_id.clone())
+    }
+
     /// Opens a tunnel to `target` through the proxy at `addr`, which must prove `expected`.
     /// `connect_timeout` bounds the TCP connect when a new mesh connection is needed.
     pub async fn tunnel(

@@ -49,7 +49,16 @@ pub async fn serve(
     started: Instant,
 ) {
     let (tls, server_id) = match &routed.target {
-        Target::Mesh { expected, .. } => (Tls::Yes, expected.to_string()),
+        // The identity the peer proved (routing just made or reused the pooled connection), as
+        // the TCP path labels it; the expectation only if that connection is already gone.
+        Target::Mesh { addr, expected, .. } => (
+            Tls::Yes,
+            outbound
+                .mesh
+                .as_ref()
+                .and_then(|m| m.peer_id(*addr, expected))
+                .map_or_else(|| expected.to_string(), |id| id.to_string()),
+        ),
         Target::Plain(_) => (Tls::No, String::new()),
     };
     let conn_labels = TcpLabels {

@@ -58,7 +58,12 @@ const SMALL: usize = 512;
 /// Consecutive small reads after which an idle heap buffer is given back.
 const SHRINK_AFTER: u32 = 8;
 
-async fn copy_one<R, W>(r: &mut R, w: &mut W, buffer_size: usize, counter: &Counter) -> io::Result<u64>
+async fn copy_one<R, W>(
+    r: &mut R,
+    w: &mut W,
+    buffer_size: usize,
+    counter: &Counter,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

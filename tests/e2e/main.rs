@@ -4,6 +4,8 @@
 //!
 //! One integration binary, so the support code compiles once.
 
+mod http;
 mod init;
+mod mesh;
 mod support;
 mod tcp;

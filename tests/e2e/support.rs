@@ -408,6 +408,11 @@ pub fn pods() -> (Netns, Netns) {
 impl Mesh {
     /// Pods A and B with `tern init` applied and proxies running (`proxy_args` go to both).
     pub fn start(proxy_args: &[&str]) -> Mesh {
+        Mesh::start_each(proxy_args, proxy_args)
+    }
+
+    /// Like [`Mesh::start`], with each pod's own proxy arguments (e.g. its own `--identity-dir`).
+    pub fn start_each(args_a: &[&str], args_b: &[&str]) -> Mesh {
         let (a, b) = pods();
         for ns in [&a, &b] {
             let out = ns.tern_init(&[]);
@@ -424,8 +429,8 @@ impl Mesh {
                 "tern init names the backend it used: {said}"
             );
         }
-        let proxy_a = a.start_proxy(proxy_args);
-        let proxy_b = b.start_proxy(proxy_args);
+        let proxy_a = a.start_proxy(args_a);
+        let proxy_b = b.start_proxy(args_b);
         Mesh {
             proxy_a,
             proxy_b,
@@ -581,3 +586,156 @@ else:
         pass
     print(len(read_all()))
 "#;
+
+/// The trust domain of the e2e identities.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// The pods' network: unknown destinations in it are probed for a proxy on port 4143.
+pub const CLUSTER_NETWORKS: &str = "198.18.0.0/15";
+
+/// The SPIFFE ID of service account `sa` in namespace `e2e`.
+pub fn spiffe(sa: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/e2e/sa/{sa}")
+}
+
+/// A leaf for service account `sa`, valid for `validity`.
+pub fn mint(ca: &tern::tls::mint::TestCa, sa: &str, validity: Duration) -> Issued {
+    let id: tern::tls::SpiffeId = spiffe(sa).parse().expect("a valid SPIFFE ID");
+    ca.issue(&id, validity).expect("mint a leaf")
+}
+
+pub use tern::tls::mint::{Issued, TestCa};
+
+/// An identity directory laid out as Kubernetes writes a projected or CSI volume: the files live
+/// in `..<generation>/`, `..data` points at the current generation, and `tls.crt`, `tls.key`,
+/// `ca.crt` are symlinks through `..data`. Readable by the proxy's UID; deleted on drop.
+#[derive(Debug)]
+pub struct IdentityDir {
+    dir: tempfile::TempDir,
+    generation: AtomicUsize,
+}
+
+impl IdentityDir {
+    pub fn new(issued: &Issued) -> IdentityDir {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().expect("identity dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod identity dir");
+        let id = IdentityDir {
+            dir,
+            generation: AtomicUsize::new(0),
+        };
+        let first = id.write_generation(issued);
+        symlink(&first, id.dir.path().join("..data")).expect("..data symlink");
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            symlink(format!("..data/{f}"), id.dir.path().join(f)).expect("file symlink");
+        }
+        id
+    }
+
+    pub fn path(&self) -> &str {
+        self.dir.path().to_str().expect("utf-8 temp path")
+    }
+
+    /// The proxy arguments that give a pod this identity and mesh it with the other pod.
+    pub fn mesh_args(&self) -> Vec<String> {
+        vec![
+            "--identity-dir".into(),
+            self.path().into(),
+            "--cluster-networks".into(),
+            CLUSTER_NETWORKS.into(),
+        ]
+    }
+
+    /// Swaps in `issued` atomically, as the kubelet does: a new generation directory, a temporary
+    /// symlink to it, renamed over `..data` (one `rename(2)`: readers see the old set or the new).
+    pub fn rotate(&self, issued: &Issued) {
+        let next = self.write_generation(issued);
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&next, &tmp).expect("temporary ..data symlink");
+        std::fs::rename(&tmp, self.dir.path().join("..data")).expect("swap ..data");
+    }
+
+    /// Writes `issued` into a new `..<n>` directory; returns its name (relative).
+    fn write_generation(&self, issued: &Issued) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let n = self.generation.fetch_add(1, Ordering::Relaxed);
+        let name = format!("..2026_11_22_00_00_{n:02}.{}", std::process::id());
+        let gen_dir = self.dir.path().join(&name);
+        std::fs::create_dir(&gen_dir).expect("generation dir");
+        issued.write_dir(&gen_dir).expect("write identity files");
+        std::fs::set_permissions(&gen_dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod generation dir");
+        for f in ["tls.crt", "tls.key", "ca.crt"] {
+            std::fs::set_permissions(gen_dir.join(f), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod identity file");
+        }
+        name
+    }
+}
+
+/// `&[String]` as `Vec<&str>`, for the `&[&str]` argument lists.
+pub fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Checks that `tools` are installed (like [`ready`]: skip loudly, or fail under `CI=true`), and
+/// Python `modules` importable by `python3`.
+pub fn have(tools: &[&str], modules: &[&str]) -> bool {
+    let mut missing: Vec<String> = tools
+        .iter()
+        .filter(|t| which(t).is_none())
+        .map(|t| format!("`{t}`"))
+        .collect();
+    for m in modules {
+        let ok = Command::new("python3")
+            .args(["-c", &format!("import {m}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            missing.push(format!("python module `{m}`"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "\n!!!!! e2e test SKIPPED: missing {} (apt-get install -y tcpdump nghttp2-client \
+         nghttp2-server openssl; pip install -r .ci/requirements.txt) !!!!!\n",
+        missing.join(", ")
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg} CI=true: e2e tests must run, not skip");
+    }
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+    false
+}
+
+impl Mesh {
+    /// Replaces A's proxy with one started with `args` (the old one is killed first: same ports).
+    pub fn restart_proxy_a(&mut self, args: &[&str]) {
+        let _ = self.proxy_a.child.kill();
+        let _ = self.proxy_a.child.wait();
+        let old_log = self.proxy_a.log.with_extension("old.log");
+        let _ = std::fs::rename(&self.proxy_a.log, old_log);
+        self.proxy_a = self.a.start_proxy(args);
+    }
+}
+
+/// Polls `/metrics` of `ns` until `name{labels}` is at least `min`; returns the last text.
+pub fn wait_metric_at_least(ns: &Netns, name: &str, labels: &[(&str, &str)], min: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..MAX_POLLS {
+        text = ns.metrics();
+        if metric(&text, name, labels).is_some_and(|v| v >= min) {
+            return text;
+        }
+        std::thread::sleep(POLL);
+    }
+    panic!(
+        "{name}{labels:?} never reached {min} in {}; last value {:?}:\n{text}",
+        ns.name,
+        metric(&text, name, labels)
+    );
+}
