@@ -65,10 +65,19 @@ pub fn spawn(
                         return;
                     }
                 };
+                let trim = async {
+                    let mut tick = tokio::time::interval(crate::alloc::TRIM_INTERVAL);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        crate::alloc::trim();
+                    }
+                };
                 tokio::select! {
-                    // Cancellation safe: serve() holds no state that must survive; dropping it
-                    // closes the listener and in-flight admin requests.
+                    // Cancellation safe: serve() and the trim loop hold no state that must
+                    // survive; dropping serve() closes the listener and in-flight admin requests.
                     _ = serve(listener, state) => {}
+                    _ = trim => {}
                     _ = stop => {}
                 }
             });

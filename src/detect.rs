@@ -110,7 +110,7 @@ pub async fn detect<T: AsyncRead + Unpin>(
 ) -> std::io::Result<(Detected<T>, Duration)> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::with_capacity(512);
     let verdict = loop {
         if let Some(v) = classify(&buf) {
             break Some(v);
@@ -120,7 +120,7 @@ pub async fn detect<T: AsyncRead + Unpin>(
             break http1_request_line(&buf).then_some(Verdict::Http(HttpVersion::H1));
         }
         if buf.capacity() == buf.len() {
-            buf.reserve(buf.len().max(1024));
+            buf.reserve(buf.len().max(512));
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => {
