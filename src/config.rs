@@ -68,6 +68,8 @@ pub struct ProxyConfig {
     pub inbound_target: TargetMode,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "humantime_serde_compat::option")]
+    pub request_timeout: Option<Duration>,
     pub buffer_size: usize,
     pub max_connections: usize,
     #[serde(with = "humantime_serde_compat")]
@@ -183,6 +185,7 @@ impl ProxyConfig {
             outbound_target: mode(a.outbound_target),
             inbound_target: mode(a.inbound_target),
             connect_timeout: a.connect_timeout,
+            request_timeout: a.request_timeout,
             buffer_size: a.buffer_size,
             max_connections: a.max_connections,
             shutdown_accept_delay: a.shutdown_accept_delay,
@@ -243,6 +246,13 @@ mod humantime_serde_compat {
 
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn option<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => serialize(d, s),
+            None => s.serialize_none(),
+        }
     }
 }
 
