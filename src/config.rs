@@ -26,6 +26,8 @@ pub enum ConfigError {
     ConnectTimeout(Duration),
     #[error("--detect-timeout (TERN_DETECT_TIMEOUT) must be between 1ms and 300s, got {0:?}")]
     DetectTimeout(Duration),
+    #[error("--request-timeout (TERN_REQUEST_TIMEOUT) must be at least 1ms, got {0:?}")]
+    RequestTimeout(Duration),
     #[error("--probe-timeout (TERN_PROBE_TIMEOUT) must be between 1ms and 10s, got {0:?}")]
     ProbeTimeout(Duration),
     #[error("--{flag} ({env}) must be at least 10ms, got {value:?}")]
@@ -115,6 +117,9 @@ impl ProxyConfig {
             || a.connect_timeout > Duration::from_secs(60)
         {
             return Err(ConfigError::ConnectTimeout(a.connect_timeout));
+        }
+        if let Some(t) = a.request_timeout.filter(|t| *t < Duration::from_millis(1)) {
+            return Err(ConfigError::RequestTimeout(t));
         }
         if a.probe_timeout < Duration::from_millis(1) || a.probe_timeout > Duration::from_secs(10) {
             return Err(ConfigError::ProbeTimeout(a.probe_timeout));
@@ -289,6 +294,10 @@ mod tests {
         assert!(e.to_string().contains("--max-connections"));
         let e = parse(&["--connect-timeout", "0s"]).expect_err("zero timeout");
         assert!(e.to_string().contains("--connect-timeout"));
+        let e = parse(&["--request-timeout", "0s"]).expect_err("zero timeout");
+        assert!(e.to_string().contains("--request-timeout"));
+        let c = parse(&["--request-timeout", "2s"]).expect("valid");
+        assert_eq!(c.request_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
@@ -321,6 +330,11 @@ mod tests {
         let c = parse(&[]).expect("valid");
         let json = serde_json::to_value(&c).expect("json");
         assert_eq!(json["connect_timeout"], "1s");
+        assert_eq!(
+            json["request_timeout"],
+            serde_json::Value::Null,
+            "none by default"
+        );
         assert_eq!(json["outbound_target"]["mode"], "orig_dst");
     }
 }

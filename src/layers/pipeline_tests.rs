@@ -131,6 +131,7 @@ impl Running {
         let mut c = ProxyConfig::loopback();
         c.outbound_target = TargetMode::Fixed(SERVICE_ADDR.parse().expect("addr"));
         c.discovery_file = Some(file);
+        c.discovery_reload_interval = Duration::from_millis(50);
         Self::with_config(c, dir)
     }
 
@@ -262,6 +263,60 @@ async fn a_failing_endpoint_is_ejected_and_retries_hide_its_failures() {
         0.0,
         "the client saw no failure: {m}"
     );
+    drop(client);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_discovery_reload_moves_traffic_without_failing_requests() {
+    let apps = [
+        App::start("a", Behavior::Ok).await,
+        App::start("b", Behavior::Ok).await,
+        App::start("c", Behavior::Slow(Duration::from_millis(300))).await,
+    ];
+    let proxy = Running::start(&[&apps[0], &apps[1], &apps[2]], "");
+    let file = proxy._dir.path().join("discovery.yaml");
+    let entry = proxy.addrs.outbound[0];
+    // Requests in flight on the slow endpoint while the file changes under them.
+    let in_flight: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::connect(entry).await;
+                c.get("/").await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let yaml = format!(
+        "services:\n  - name: web.shop\n    addresses: [\"{SERVICE_ADDR}\"]\n    endpoints:\n      - address: \"{}\"\n",
+        apps[0].addr
+    );
+    std::fs::write(&file, yaml).expect("rewrite");
+    let mut client = Client::connect(entry).await;
+    let mut moved = false;
+    for _ in 0..400 {
+        let (status, _, body) = client.get("/").await;
+        assert_eq!(status, StatusCode::OK);
+        if body == "a" {
+            // Once only `a` answers several times in a row, the reload took effect.
+            let mut only_a = true;
+            for _ in 0..20 {
+                let (status, _, body) = client.get("/").await;
+                assert_eq!(status, StatusCode::OK);
+                only_a &= body == "a";
+            }
+            if only_a {
+                moved = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(moved, "traffic moved to the remaining endpoint");
+    for t in in_flight {
+        let (status, _, _) = t.await.expect("join");
+        assert_eq!(status, StatusCode::OK, "in-flight requests finish");
+    }
     drop(client);
     proxy.stop().await;
 }
