@@ -170,6 +170,9 @@ impl Proxy {
             crate::outbound::OutboundMetrics {
                 detect: detect_metrics,
                 http: http_metrics,
+                balance: crate::layers::balance::BalanceMetrics::register(tern),
+                breaker: crate::layers::breaker::BreakerMetrics::register(tern),
+                retry: crate::layers::retry::RetryMetrics::register(tern),
             },
             discovery.as_ref().map(|(d, _, _)| d.clone()),
             identity

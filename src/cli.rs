@@ -103,6 +103,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
     pub connect_timeout: Duration,
 
+    /// Default timeout for a whole HTTP request to a discovery service (until its response
+    /// headers, retries included); a service's `timeout` in the discovery file overrides it.
+    /// None by default. A timed-out request gets 504 (gRPC: DEADLINE_EXCEEDED).
+    #[arg(long, env = "TERN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+
     /// Size of each per-direction copy buffer of an opaque TCP connection, in bytes (1024..=1048576).
     /// A slow reader stops the copy once this buffer is full: memory per connection stays bounded.
     #[arg(long, env = "TERN_BUFFER_SIZE", default_value_t = 16 * 1024)]

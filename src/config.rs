@@ -26,6 +26,8 @@ pub enum ConfigError {
     ConnectTimeout(Duration),
     #[error("--detect-timeout (TERN_DETECT_TIMEOUT) must be between 1ms and 300s, got {0:?}")]
     DetectTimeout(Duration),
+    #[error("--request-timeout (TERN_REQUEST_TIMEOUT) must be at least 1ms, got {0:?}")]
+    RequestTimeout(Duration),
     #[error("--probe-timeout (TERN_PROBE_TIMEOUT) must be between 1ms and 10s, got {0:?}")]
     ProbeTimeout(Duration),
     #[error("--{flag} ({env}) must be at least 10ms, got {value:?}")]
@@ -68,6 +70,8 @@ pub struct ProxyConfig {
     pub inbound_target: TargetMode,
     #[serde(with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "humantime_serde_compat::option")]
+    pub request_timeout: Option<Duration>,
     pub buffer_size: usize,
     pub max_connections: usize,
     #[serde(with = "humantime_serde_compat")]
@@ -114,6 +118,9 @@ impl ProxyConfig {
             || a.connect_timeout > Duration::from_secs(60)
         {
             return Err(ConfigError::ConnectTimeout(a.connect_timeout));
+        }
+        if let Some(t) = a.request_timeout.filter(|t| *t < Duration::from_millis(1)) {
+            return Err(ConfigError::RequestTimeout(t));
         }
         if a.probe_timeout < Duration::from_millis(1) || a.probe_timeout > Duration::from_secs(10) {
             return Err(ConfigError::ProbeTimeout(a.probe_timeout));
@@ -184,6 +191,7 @@ impl ProxyConfig {
             outbound_target: mode(a.outbound_target),
             inbound_target: mode(a.inbound_target),
             connect_timeout: a.connect_timeout,
+            request_timeout: a.request_timeout,
             buffer_size: a.buffer_size,
             max_connections: a.max_connections,
             shutdown_accept_delay: a.shutdown_accept_delay,
@@ -246,6 +254,13 @@ mod humantime_serde_compat {
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
+
+    pub fn option<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +296,10 @@ mod tests {
         assert!(e.to_string().contains("--max-connections"));
         let e = parse(&["--connect-timeout", "0s"]).expect_err("zero timeout");
         assert!(e.to_string().contains("--connect-timeout"));
+        let e = parse(&["--request-timeout", "0s"]).expect_err("zero timeout");
+        assert!(e.to_string().contains("--request-timeout"));
+        let c = parse(&["--request-timeout", "2s"]).expect("valid");
+        assert_eq!(c.request_timeout, Some(Duration::from_secs(2)));
     }
 
     #[test]
@@ -313,6 +332,11 @@ mod tests {
         let c = parse(&[]).expect("valid");
         let json = serde_json::to_value(&c).expect("json");
         assert_eq!(json["connect_timeout"], "1s");
+        assert_eq!(
+            json["request_timeout"],
+            serde_json::Value::Null,
+            "none by default"
+        );
         assert_eq!(json["outbound_target"]["mode"], "orig_dst");
     }
 }

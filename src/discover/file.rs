@@ -9,7 +9,14 @@
 //!         identity: spiffe://cluster.local/ns/shop/sa/web   # present: meshed, this identity required
 //!         weight: 1                    # optional, default 1
 //!         mesh_port: 4143              # optional, default 4143
+//!     timeout: 2s                      # optional: request timeout (humantime), else --request-timeout
+//!     retry:                           # optional: retry on these responses (5xx, a status, a gRPC code)
+//!       on: ["5xx", "unavailable"]
+//!       attempts: 2                    # extra attempts after the first, 1..=10, default 1
 //! ```
+//!
+//! Requests to a service address go through the per-request resilience stack
+//! (`crate::layers`): balancing, circuit breaking, retries and the timeout.
 //!
 //! A destination matching a service address resolves to all its endpoints; a destination
 //! matching an endpoint address resolves to that endpoint alone (so a client dialing a pod IP
@@ -32,7 +39,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
-use super::{DEFAULT_MESH_PORT, Discovery, Endpoint, Resolved, Snapshot};
+use super::{
+    DEFAULT_MESH_PORT, Discovery, Endpoint, Resolved, RetryOn, RetryPolicy, ServicePolicy, Snapshot,
+};
 use crate::tls::SpiffeId;
 
 /// Why a discovery file was refused. Each variant names where in the file the problem is.
@@ -59,6 +68,24 @@ pub enum FileError {
     Weight { service: usize, endpoint: usize },
     #[error("discovery file: services[{service}].name must not be empty")]
     Name { service: usize },
+    #[error("discovery file: services[{service}].timeout `{value}`: {message}")]
+    Timeout {
+        service: usize,
+        value: String,
+        message: String,
+    },
+    #[error(
+        "discovery file: services[{service}].retry.on[{index}] `{value}`: expected 5xx, a status code (100..=599) or a gRPC code name (unavailable, deadline-exceeded, ...)"
+    )]
+    RetryOn {
+        service: usize,
+        index: usize,
+        value: String,
+    },
+    #[error(
+        "discovery file: services[{service}].retry.attempts must be within 1..=10, not {value}"
+    )]
+    RetryAttempts { service: usize, value: u32 },
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +103,16 @@ struct ServiceDoc {
     addresses: Vec<SocketAddr>,
     #[serde(default)]
     endpoints: Vec<EndpointDoc>,
+    timeout: Option<String>,
+    retry: Option<RetryDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryDoc {
+    #[serde(default)]
+    on: Vec<String>,
+    attempts: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,12 +160,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, FileError> {
                 mesh_port: ep.mesh_port.unwrap_or(DEFAULT_MESH_PORT),
             });
         }
+        let policy = Arc::new(policy(si, svc)?);
         for ep in &endpoints {
             by_addr.insert(
                 ep.addr,
                 Resolved {
                     service: Some(svc.name.clone()),
                     endpoints: Arc::from(vec![ep.clone()]),
+                    policy: None,
                 },
             );
         }
@@ -139,11 +178,47 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, FileError> {
                 Resolved {
                     service: Some(svc.name.clone()),
                     endpoints: all.clone(),
+                    policy: Some(policy.clone()),
                 },
             );
         }
     }
     Ok(Snapshot { by_addr })
+}
+
+fn policy(si: usize, svc: &ServiceDoc) -> Result<ServicePolicy, FileError> {
+    let timeout = match &svc.timeout {
+        None => None,
+        Some(v) => Some(
+            humantime::parse_duration(v).map_err(|e| FileError::Timeout {
+                service: si,
+                value: v.clone(),
+                message: e.to_string(),
+            })?,
+        ),
+    };
+    let retry = match &svc.retry {
+        None => None,
+        Some(r) => {
+            let mut on = Vec::with_capacity(r.on.len());
+            for (i, v) in r.on.iter().enumerate() {
+                on.push(v.parse::<RetryOn>().map_err(|()| FileError::RetryOn {
+                    service: si,
+                    index: i,
+                    value: v.clone(),
+                })?);
+            }
+            let attempts = r.attempts.unwrap_or(1);
+            if !(1..=10).contains(&attempts) {
+                return Err(FileError::RetryAttempts {
+                    service: si,
+                    value: attempts,
+                });
+            }
+            Some(RetryPolicy { on, attempts })
+        }
+    };
+    Ok(ServicePolicy { timeout, retry })
 }
 
 /// Reads and parses the file.
@@ -271,6 +346,7 @@ services:
         assert_eq!(svc.service.as_deref(), Some("web.shop"));
         assert_eq!(svc.endpoints.len(), 2);
         assert_eq!(svc.endpoints[1].weight, 3);
+        assert_eq!(svc.policy.as_deref(), Some(&ServicePolicy::default()));
         assert_eq!(
             svc.endpoints[0].mesh_addr(),
             Some("198.18.1.11:4143".parse().expect("addr"))
@@ -285,8 +361,33 @@ services:
             .expect("endpoint");
         assert_eq!(ep.endpoints.len(), 1);
         assert!(
+            ep.policy.is_none(),
+            "a pod dialed directly: no service policy"
+        );
+        assert!(
             s.resolve("198.18.1.11:9999".parse().expect("addr"))
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn timeout_and_retry_parse() {
+        let text = GOOD.replace(
+            "    endpoints:",
+            "    timeout: 1500ms\n    retry:\n      on: [\"5xx\", \"429\", \"unavailable\"]\n      attempts: 3\n    endpoints:",
+        );
+        let s = parse(Path::new("t.yaml"), &text).expect("valid");
+        let svc = s
+            .resolve("198.18.9.9:80".parse().expect("addr"))
+            .expect("service");
+        let p = svc.policy.expect("policy");
+        assert_eq!(p.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(
+            p.retry,
+            Some(RetryPolicy {
+                on: vec![RetryOn::Server5xx, RetryOn::Status(429), RetryOn::Grpc(14)],
+                attempts: 3
+            })
         );
     }
 
@@ -304,6 +405,26 @@ services:
             e.to_string().contains("services[0].endpoints[1].weight"),
             "{e}"
         );
+        let with_policy =
+            |extra: &str| GOOD.replace("    endpoints:", &format!("{extra}\n    endpoints:"));
+        let e =
+            parse(Path::new("t.yaml"), &with_policy("    timeout: soon")).expect_err("bad timeout");
+        assert!(e.to_string().contains("services[0].timeout `soon`"), "{e}");
+        let e = parse(
+            Path::new("t.yaml"),
+            &with_policy("    retry:\n      on: [\"5xx\", \"teapot\"]"),
+        )
+        .expect_err("bad retry.on");
+        assert!(
+            e.to_string().contains("services[0].retry.on[1] `teapot`"),
+            "{e}"
+        );
+        let e = parse(
+            Path::new("t.yaml"),
+            &with_policy("    retry:\n      on: [\"5xx\"]\n      attempts: 0"),
+        )
+        .expect_err("bad attempts");
+        assert!(e.to_string().contains("services[0].retry.attempts"), "{e}");
         let e = parse(Path::new("t.yaml"), "services:\n  - nmae: x\n").expect_err("typo");
         assert!(e.to_string().contains("t.yaml"), "{e}");
         let e = parse(

@@ -11,6 +11,7 @@ pub mod file;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::tls::SpiffeId;
 
@@ -45,6 +46,68 @@ pub struct Resolved {
     /// The service name (`name.namespace`) when the destination is a service.
     pub service: Option<String>,
     pub endpoints: Arc<[Endpoint]>,
+    /// Present when the destination is a service address: requests to it go through the
+    /// per-request resilience stack (balance, breaker, retry, timeout) with this policy.
+    /// Absent for an endpoint dialed directly.
+    pub policy: Option<Arc<ServicePolicy>>,
+}
+
+/// Per-service request policy (the discovery file's `timeout` and `retry`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePolicy {
+    /// Whole-request timeout (until response headers, retries included); `None`: the
+    /// `--request-timeout` default applies.
+    pub timeout: Option<Duration>,
+    /// Retries on responses; `None`: only requests that never reached a server are retried.
+    pub retry: Option<RetryPolicy>,
+}
+
+/// When to retry a request whose response came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub on: Vec<RetryOn>,
+    /// Extra attempts after the first (Gateway API `retry.attempts` semantics).
+    pub attempts: u32,
+}
+
+/// One retry condition: an HTTP status class, a status, or a gRPC status code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    /// Any 5xx status.
+    Server5xx,
+    Status(u16),
+    /// A gRPC status code (from a trailers-only response's headers).
+    Grpc(u32),
+}
+
+impl std::str::FromStr for RetryOn {
+    type Err = ();
+
+    /// `5xx`, a status code (`503`), or a gRPC code name (`unavailable`, `deadline-exceeded`,
+    /// `resource-exhausted`, `internal`, `unknown`, `aborted`, `cancelled`).
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let s = s.trim().to_ascii_lowercase().replace('_', "-");
+        if s == "5xx" {
+            return Ok(RetryOn::Server5xx);
+        }
+        if let Ok(code) = s.parse::<u16>() {
+            return (100..=599)
+                .contains(&code)
+                .then_some(RetryOn::Status(code))
+                .ok_or(());
+        }
+        let grpc = match s.as_str() {
+            "cancelled" | "canceled" => 1,
+            "unknown" => 2,
+            "deadline-exceeded" => 4,
+            "resource-exhausted" => 8,
+            "aborted" => 10,
+            "internal" => 13,
+            "unavailable" => 14,
+            _ => return Err(()),
+        };
+        Ok(RetryOn::Grpc(grpc))
+    }
 }
 
 /// The current view of every source, swapped atomically on reload.

@@ -10,6 +10,9 @@
 //! | not meshed under `--require-mtls` | 403 | PERMISSION_DENIED | `mtls_required` |
 //! | the target is the proxy itself | 508 | UNAVAILABLE | `loop` |
 //! | malformed proxy request (no target) | 400 | INTERNAL (13) | `bad_request` |
+//! | every endpoint of the service ejected | 503 | UNAVAILABLE | `circuit_open` |
+//! | request timeout (`timeout`, `--request-timeout`) | 504 | DEADLINE_EXCEEDED (4) | `request_timeout` |
+//! | the service has no endpoints | 503 | UNAVAILABLE | `no_endpoints` |
 //!
 //! A connect timeout is a 504 for HTTP, and UNAVAILABLE for gRPC (the request never reached a
 //! server, so clients may retry it; DEADLINE_EXCEEDED is for request timeouts).
@@ -21,6 +24,8 @@ use prometheus_client::encoding::EncodeLabelValue;
 use super::{BoxBody, PROXY_ERROR, empty};
 use crate::error::{CloseReason, ConnError};
 use crate::inbound::policy::Denied;
+use crate::layers::balance::{CircuitOpen, NoEndpoints};
+use crate::layers::timeout::RequestTimeout;
 use crate::mesh::client::MeshError;
 
 /// Why the proxy answered itself. Label values of the `error` label on response metrics.
@@ -36,6 +41,9 @@ pub enum ProxyError {
     mtls_required,
     r#loop,
     bad_request,
+    circuit_open,
+    request_timeout,
+    no_endpoints,
 }
 
 impl ProxyError {
@@ -50,6 +58,9 @@ impl ProxyError {
             ProxyError::mtls_required => "mtls_required",
             ProxyError::r#loop => "loop",
             ProxyError::bad_request => "bad_request",
+            ProxyError::circuit_open => "circuit_open",
+            ProxyError::request_timeout => "request_timeout",
+            ProxyError::no_endpoints => "no_endpoints",
         }
     }
 
@@ -59,6 +70,8 @@ impl ProxyError {
             ProxyError::unauthorized | ProxyError::mtls_required => StatusCode::FORBIDDEN,
             ProxyError::r#loop => StatusCode::LOOP_DETECTED,
             ProxyError::bad_request => StatusCode::BAD_REQUEST,
+            ProxyError::circuit_open | ProxyError::no_endpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::request_timeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -67,6 +80,7 @@ impl ProxyError {
         match self {
             ProxyError::unauthorized | ProxyError::mtls_required => 7,
             ProxyError::bad_request => 13,
+            ProxyError::request_timeout => 4,
             _ => 14,
         }
     }
@@ -98,6 +112,15 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ProxyError {
         }
         if e.downcast_ref::<Denied>().is_some() {
             return ProxyError::unauthorized;
+        }
+        if e.downcast_ref::<CircuitOpen>().is_some() {
+            return ProxyError::circuit_open;
+        }
+        if e.downcast_ref::<RequestTimeout>().is_some() {
+            return ProxyError::request_timeout;
+        }
+        if e.downcast_ref::<NoEndpoints>().is_some() {
+            return ProxyError::no_endpoints;
         }
         if let Some(l) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
             saw_connect |= l.is_connect();
@@ -153,6 +176,24 @@ mod tests {
         let g = response(ProxyError::unauthorized, true);
         assert_eq!(g.status(), StatusCode::OK);
         assert_eq!(g.headers()["grpc-status"], "7");
+        let open: crate::http::BoxError = Box::new(CircuitOpen("web.shop".into()));
+        let r = response(classify(&*open), false);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[PROXY_ERROR], "circuit_open");
+        assert_eq!(
+            response(classify(&*open), true).headers()["grpc-status"],
+            "14"
+        );
+        let late: crate::http::BoxError =
+            Box::new(RequestTimeout(std::time::Duration::from_secs(1)));
+        assert_eq!(
+            response(classify(&*late), false).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            response(classify(&*late), true).headers()["grpc-status"],
+            "4"
+        );
         let io: crate::http::BoxError = Box::new(std::io::Error::other("reset"));
         assert_eq!(classify(&*io), ProxyError::upstream_reset);
     }

@@ -205,6 +205,9 @@ fn static_error(v: &str) -> &'static str {
         P::mtls_required,
         P::r#loop,
         P::bad_request,
+        P::circuit_open,
+        P::request_timeout,
+        P::no_endpoints,
     ]
     .into_iter()
     .map(P::as_str)

@@ -3,6 +3,8 @@
 //! ```text
 //! app ─▶ :4140 accept ─▶ destination (orig dst | explicit) ─▶ loop check ─▶ route ─▶ detect
 //!   detect: HTTP/1 or HTTP/2 ─▶ http::serve (per request: metrics ─▶ proxy ─▶ mesh or plain)
+//!           a discovery service address: per request timeout ─▶ retry ─▶ balance ─▶ breaker
+//!                                        ─▶ endpoint (mesh or plain), see `http`
 //!           anything else    ─▶ one tunnel or one plain connection, bytes copied both ways
 //!   route: discovery knows it ─▶ endpoint with identity ─▶ mesh tunnel (mTLS, exact identity)
 //!                              └▶ endpoint without identity ─▶ plain
@@ -13,7 +15,9 @@
 //! ```
 //!
 //! Metrics: `tern_tcp_*{direction="outbound"}` (`tls`, `server_id` when meshed),
-//! `tern_mesh_probes_total`, `tern_mesh_*{direction="outbound"}`.
+//! `tern_mesh_probes_total`, `tern_mesh_*{direction="outbound"}`; per discovery service
+//! `tern_balancer_endpoints`, `tern_circuit_transitions_total`, `tern_retries_total`
+//! (see `crate::layers`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -28,11 +32,14 @@ use tokio::net::TcpStream;
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::ProxyConfig;
 use crate::detect::{self, DetectMetrics, Detected, HttpVersion, Protocol};
-use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint};
+use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint, ServicePolicy};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
 use crate::http::client::Upstreams;
+use crate::layers::balance::{BalanceMetrics, Balancer};
+use crate::layers::breaker::BreakerMetrics;
 use crate::layers::http_metrics::HttpMetrics;
+use crate::layers::retry::{Budget, RetryMetrics};
 use crate::mesh::ProbeResult;
 use crate::mesh::client::{MeshClient, MeshError};
 use crate::metrics::{Direction, TcpLabels, TcpMetrics, Tls};
@@ -47,6 +54,9 @@ pub mod http;
 pub struct OutboundMetrics {
     pub detect: DetectMetrics,
     pub http: HttpMetrics,
+    pub balance: BalanceMetrics,
+    pub breaker: BreakerMetrics,
+    pub retry: RetryMetrics,
 }
 
 /// Bound on remembered not-meshed destinations; expired entries are pruned when it is reached.
@@ -67,8 +77,28 @@ pub struct Outbound {
     pub own_ports: Vec<u16>,
     /// Destinations whose mesh port recently did not answer, and until when to believe it.
     not_meshed: Mutex<HashMap<IpAddr, Instant>>,
-    /// Round-robin cursor over a service's endpoints (balancing proper comes with discovery).
+    /// Round-robin cursor over a service's endpoints, for TCP connections (HTTP requests to a
+    /// service are balanced per request).
     next: AtomicUsize,
+    /// Per discovery service: its balancer (endpoint load and breakers) and retry budget,
+    /// shared by every connection to it. Bounded by the services discovery knows.
+    services: Mutex<HashMap<String, Arc<ServiceState>>>,
+}
+
+/// What every connection to one discovery service shares.
+#[derive(Debug)]
+pub struct ServiceState {
+    pub balancer: Arc<Balancer>,
+    pub budget: Arc<Budget>,
+}
+
+/// A destination that is a discovery service address: its HTTP requests go through the
+/// per-request resilience stack.
+#[derive(Debug, Clone)]
+pub struct ServiceDst {
+    pub addr: OrigDstAddr,
+    pub name: String,
+    pub policy: Arc<ServicePolicy>,
 }
 
 /// Where one connection (or its requests) goes.
@@ -89,6 +119,8 @@ pub enum Target {
 pub struct Routed {
     pub target: Target,
     pub service: Option<String>,
+    /// Present for a service address: HTTP picks the endpoint per request.
+    pub balanced: Option<ServiceDst>,
 }
 
 impl Outbound {
@@ -110,6 +142,7 @@ impl Outbound {
             own_ports,
             not_meshed: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            services: Mutex::new(HashMap::new()),
         }
     }
 
@@ -228,20 +261,56 @@ impl Outbound {
         let routed = match resolved {
             Some(r) if !r.endpoints.is_empty() => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % r.endpoints.len();
+                let balanced = match (&r.service, r.policy) {
+                    (Some(name), Some(policy)) => Some(ServiceDst {
+                        addr: dst,
+                        name: name.clone(),
+                        policy,
+                    }),
+                    _ => None,
+                };
                 Routed {
                     target: self.to_endpoint(&r.endpoints[i])?,
                     service: r.service,
+                    balanced,
                 }
             }
             _ => Routed {
                 target: self.to_unknown(dst).await?,
                 service: None,
+                balanced: None,
             },
         };
         match routed.target {
             Target::Plain(dst) if self.config.require_mtls => Err(ConnError::MtlsRequired(dst)),
             _ => Ok(routed),
         }
+    }
+
+    /// The shared state of a discovery service, made on first use. Its endpoints are looked up
+    /// in discovery on each request, so a reload applies while traffic flows.
+    pub fn service_state(&self, dst: &ServiceDst) -> Arc<ServiceState> {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = services.get(&dst.name) {
+            return s.clone();
+        }
+        let discovery = self.discovery.clone().unwrap_or_default();
+        let addr = dst.addr.0;
+        let source = Arc::new(move || {
+            discovery
+                .resolve(addr)
+                .map_or_else(|| Arc::from(Vec::new()), |r| r.endpoints)
+        });
+        let state = Arc::new(ServiceState {
+            balancer: Arc::new(Balancer::new(
+                Arc::from(dst.name.as_str()),
+                source,
+                &self.metrics.balance,
+            )),
+            budget: Arc::new(Budget::default()),
+        });
+        services.insert(dst.name.clone(), state.clone());
+        state
     }
 
     fn to_endpoint(&self, ep: &Endpoint) -> Result<Target, ConnError> {

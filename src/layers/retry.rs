@@ -1,0 +1,568 @@
+//! `RetryLayer`: retries within a budget, for requests whose body can be replayed.
+//!
+//! Where it sits: under the timeout, above the balancer (timeout → **retry** → balance →
+//! breaker → endpoint client). Each attempt carries the same [`Tried`] set, so the balancer
+//! prefers an endpoint this request has not tried yet.
+//!
+//! What is retried:
+//! - by default, only requests that provably never reached a server: connection refused or
+//!   timed out while connecting (plain or mesh), HTTP/2 `REFUSED_STREAM`; up to
+//!   `max(attempts, 2)` extra attempts;
+//! - with the service's `retry: {on: [...], attempts: N}` (discovery file), also responses
+//!   whose status matches (`5xx`, a code, or a gRPC code in a trailers-only response's
+//!   headers), up to N extra attempts. The decision is made on the response head: a
+//!   response that is passed on is never retried, so nothing retries once it streams.
+//!
+//! Bodies are replayed only when they can be buffered under [`REPLAY_CAP`] (64 KiB): the
+//! request's size hint must promise at most that much (an empty body, or a `content-length`
+//! within the cap). Others (gRPC streams, large uploads) get one attempt.
+//!
+//! The [`Budget`] bounds the extra load: each request deposits 0.2 tokens, a retry takes one;
+//! a floor of 10 retries per second stays available (refilled continuously). A failing
+//! service therefore sees at most 1.2 × the requests + 10/s, never a retry storm.
+//!
+//! Metrics: `tern_retries_total{dst_service, result}` (`retried`: an extra attempt was sent;
+//! `succeeded`: a retried request ended in a non-failure; `budget_exhausted`: a retry was
+//! wanted but the budget was empty). Errors: none of its own (the last attempt's outcome
+//! passes through). Flag: none; per service in the discovery file.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tower::{Layer, Service, ServiceExt};
+
+use super::balance::Tried;
+use crate::discover::{RetryOn, RetryPolicy};
+use crate::error::{CloseReason, ConnError};
+use crate::http::{BoxBody, BoxError};
+use crate::mesh::client::MeshError;
+
+/// Largest request body buffered for replay.
+pub const REPLAY_CAP: usize = 64 * 1024;
+/// Share of requests that may be retried.
+pub const BUDGET_RATIO: f64 = 0.2;
+/// Retries per second always allowed.
+pub const BUDGET_FLOOR_PER_SEC: f64 = 10.0;
+/// Bound on saved-up ratio tokens, so a quiet hour does not fund a storm.
+const BUDGET_MAX_TOKENS: f64 = 100.0;
+/// Extra attempts for requests that never reached a server, without a retry policy.
+const NEVER_REACHED_ATTEMPTS: u32 = 2;
+
+/// A token bucket bounding retries to a share of requests plus a floor per second. Tokens
+/// are counted in thousandths, so 0.2 per request adds up exactly.
+#[derive(Debug)]
+pub struct Budget {
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    /// Earned by requests, in thousandths of a retry.
+    tokens: u64,
+    /// The per-second floor, in thousandths, refilled continuously.
+    floor: u64,
+    last: Instant,
+}
+
+const MILLI: u64 = 1000;
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            state: Mutex::new(BudgetState {
+                tokens: 0,
+                floor: floor_max(),
+                last: Instant::now(),
+            }),
+        }
+    }
+}
+
+fn floor_max() -> u64 {
+    (BUDGET_FLOOR_PER_SEC * MILLI as f64) as u64
+}
+
+impl Budget {
+    /// A request arrived: it earns [`BUDGET_RATIO`] of a retry.
+    pub fn deposit(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let max = (BUDGET_MAX_TOKENS * MILLI as f64) as u64;
+        s.tokens = (s.tokens + (BUDGET_RATIO * MILLI as f64) as u64).min(max);
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn withdraw(&self, now: Instant) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(s.last);
+        s.last = now.max(s.last);
+        let refill = (elapsed.as_secs_f64() * BUDGET_FLOOR_PER_SEC * MILLI as f64) as u64;
+        s.floor = (s.floor + refill).min(floor_max());
+        if s.tokens >= MILLI {
+            s.tokens -= MILLI;
+            true
+        } else if s.floor >= MILLI {
+            s.floor -= MILLI;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A buffered body, the body handed back because it may not fit, or the client's body error.
+pub type Buffered = Result<Result<ReplayBody, BoxBody>, BoxError>;
+
+/// A request body held in memory so it can be sent again; cloning is cheap.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl ReplayBody {
+    /// Buffers `body` when its size hint promises at most `cap` bytes; otherwise hands it back.
+    /// (A boxed future from a plain function: see [`send_once`].)
+    pub fn buffer(body: BoxBody, cap: usize) -> Pin<Box<dyn Future<Output = Buffered> + Send>> {
+        Box::pin(async move {
+            let fits =
+                body.is_end_stream() || body.size_hint().upper().is_some_and(|u| u <= cap as u64);
+            if !fits {
+                return Ok(Err(body));
+            }
+            let mut body = body;
+            let mut data = bytes::BytesMut::new();
+            let mut trailers = None;
+            while let Some(frame) = body.frame().await {
+                let frame = match frame {
+                    Ok(f) => f,
+                    Err(e) => return Err(e),
+                };
+                match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                }
+                if data.len() > cap {
+                    return Err("request body larger than its size hint promised".into());
+                }
+            }
+            Ok(Ok(ReplayBody {
+                data: (!data.is_empty()).then(|| data.freeze()),
+                trailers,
+            }))
+        })
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(d))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RetryResult {
+    retried,
+    succeeded,
+    budget_exhausted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RetryLabels {
+    dst_service: String,
+    result: RetryResult,
+}
+
+/// Retry counters.
+#[derive(Debug, Clone, Default)]
+pub struct RetryMetrics {
+    retries: Family<RetryLabels, Counter>,
+}
+
+impl RetryMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = RetryMetrics::default();
+        registry.register(
+            "retries",
+            "Retries: retried (extra attempt sent), succeeded, budget_exhausted",
+            m.retries.clone(),
+        );
+        m
+    }
+
+    fn inc(&self, service: &str, result: RetryResult) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                dst_service: service.to_owned(),
+                result,
+            })
+            .inc();
+    }
+}
+
+/// Retries requests of one service.
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    service: Arc<str>,
+    policy: Option<Arc<RetryPolicy>>,
+    budget: Arc<Budget>,
+    metrics: RetryMetrics,
+}
+
+impl RetryLayer {
+    pub fn new(
+        service: Arc<str>,
+        policy: Option<RetryPolicy>,
+        budget: Arc<Budget>,
+        metrics: RetryMetrics,
+    ) -> Self {
+        RetryLayer {
+            service,
+            policy: policy.map(Arc::new),
+            budget,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`RetryLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    layer: RetryLayer,
+}
+
+impl<S> Service<Request<BoxBody>> for Retry<S>
+where
+    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
+        // Each attempt drives its own clone of the inner service to readiness.
+        let svc = self.inner.clone();
+        let layer = self.layer.clone();
+        layer.budget.deposit();
+        Box::pin(layer.run(svc, req))
+    }
+}
+
+impl RetryLayer {
+    async fn run<S>(self, svc: S, req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError>
+    where
+        S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = BoxError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (parts, body) = req.into_parts();
+        let body = match ReplayBody::buffer(body, REPLAY_CAP).await {
+            Err(e) => return Err(e),
+            Ok(Ok(b)) => b,
+            Ok(Err(streaming)) => {
+                return send_once(&svc, Request::from_parts(parts, streaming)).await;
+            }
+        };
+        let tried = Tried::default();
+        let mut attempt = 0u32;
+        loop {
+            let mut req = Request::new(crate::http::boxed(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            req.extensions_mut().insert(tried.clone());
+            let result = send_once(&svc, req).await;
+            let limit = match &result {
+                Err(e) if never_reached(&**e) => {
+                    Some(self.policy.as_ref().map_or(NEVER_REACHED_ATTEMPTS, |p| {
+                        p.attempts.max(NEVER_REACHED_ATTEMPTS)
+                    }))
+                }
+                Ok(resp) => self
+                    .policy
+                    .as_ref()
+                    .filter(|p| matches(p, resp))
+                    .map(|p| p.attempts),
+                Err(_) => None,
+            };
+            let retry = limit.is_some_and(|l| attempt < l);
+            if retry && !self.budget.withdraw(Instant::now()) {
+                self.metrics
+                    .inc(&self.service, RetryResult::budget_exhausted);
+                return result;
+            }
+            if !retry {
+                if attempt > 0 && result.as_ref().is_ok_and(|r| !r.status().is_server_error()) {
+                    self.metrics.inc(&self.service, RetryResult::succeeded);
+                }
+                return result;
+            }
+            tracing::debug!(dst_service = &*self.service, attempt, "retrying");
+            self.metrics.inc(&self.service, RetryResult::retried);
+            attempt += 1;
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, BoxError>> + Send>>;
+
+/// One attempt on a clone of the inner service (driven to readiness first). A plain function
+/// returning a boxed future, so the async caller holds no generic future (rustc otherwise
+/// fails to prove `Send` for every lifetime of the boxed error inside `BoxBody`).
+fn send_once<S>(svc: &S, req: Request<BoxBody>) -> BoxFuture
+where
+    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    Box::pin(svc.clone().oneshot(req))
+}
+
+/// Whether the response matches the policy's conditions.
+fn matches<B>(policy: &RetryPolicy, resp: &Response<B>) -> bool {
+    let status = resp.status().as_u16();
+    let grpc = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    policy.on.iter().any(|on| match on {
+        RetryOn::Server5xx => (500..600).contains(&status),
+        RetryOn::Status(s) => *s == status,
+        RetryOn::Grpc(c) => grpc == Some(*c),
+    })
+}
+
+/// Whether the error proves the request never reached a server.
+pub fn never_reached(err: &(dyn std::error::Error + 'static)) -> bool {
+    let not_sent =
+        |r: CloseReason| matches!(r, CloseReason::ConnectRefused | CloseReason::ConnectTimeout);
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<ConnError>() {
+            return not_sent(c.reason());
+        }
+        if let Some(m) = e.downcast_ref::<MeshError>() {
+            if matches!(m, MeshError::Refused { status, .. } if *status == http::StatusCode::FORBIDDEN)
+            {
+                return false;
+            }
+            if not_sent(m.reason()) {
+                return true;
+            }
+        }
+        if let Some(h) = e.downcast_ref::<h2::Error>() {
+            return h.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::OrigDstAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn refused() -> BoxError {
+        Box::new(ConnError::ConnectRefused(OrigDstAddr(
+            "127.0.0.1:1".parse().expect("addr"),
+        )))
+    }
+
+    /// An upstream counting calls; answers with `status` from the closure per call index.
+    fn upstream(
+        calls: Arc<AtomicUsize>,
+        answer: impl Fn(usize) -> Result<u16, ()> + Clone + Send + Sync + 'static,
+    ) -> impl Service<
+        Request<BoxBody>,
+        Response = Response<BoxBody>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |req: Request<BoxBody>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            async move {
+                let body = req.into_body().collect().await?.to_bytes();
+                assert_eq!(&body[..], b"payload", "the body is replayed intact");
+                match answer(n) {
+                    Ok(s) => {
+                        let mut r = Response::new(crate::http::empty());
+                        *r.status_mut() = s.try_into().expect("status");
+                        Ok(r)
+                    }
+                    Err(()) => Err(refused()),
+                }
+            }
+        })
+    }
+
+    fn req() -> Request<BoxBody> {
+        Request::post("/x")
+            .body(crate::http::boxed(http_body_util::Full::new(
+                Bytes::from_static(b"payload"),
+            )))
+            .expect("request")
+    }
+
+    fn layer(policy: Option<RetryPolicy>) -> (RetryLayer, RetryMetrics) {
+        let m = RetryMetrics::default();
+        (
+            RetryLayer::new("s".into(), policy, Arc::new(Budget::default()), m.clone()),
+            m,
+        )
+    }
+
+    fn count(m: &RetryMetrics, result: RetryResult) -> u64 {
+        m.retries
+            .get_or_create(&RetryLabels {
+                dst_service: "s".into(),
+                result,
+            })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_retried_by_default_but_5xx_is_not() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (l, m) = layer(None);
+        let svc = l.layer(upstream(calls.clone(), |n| {
+            if n == 0 { Err(()) } else { Ok(200) }
+        }));
+        let resp = svc.clone().oneshot(req()).await.expect("retried");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(count(&m, RetryResult::retried), 1);
+        assert_eq!(count(&m, RetryResult::succeeded), 1);
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let svc = l.layer(upstream(calls.clone(), |_| Ok(503)));
+        let resp = svc.oneshot(req()).await.expect("response");
+        assert_eq!(resp.status(), 503);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no policy: a 503 is not retried"
+        );
+    }
+
+    #[tokio::test]
+    async fn configured_statuses_are_retried_up_to_attempts() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let policy = RetryPolicy {
+            on: vec![RetryOn::Server5xx],
+            attempts: 2,
+        };
+        let (l, _) = layer(Some(policy));
+        let svc = l.layer(upstream(calls.clone(), |_| Ok(503)));
+        let resp = svc.oneshot(req()).await.expect("response");
+        assert_eq!(resp.status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "first + 2 retries");
+    }
+
+    #[tokio::test]
+    async fn large_or_unsized_bodies_are_not_retried() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (l, _) = layer(None);
+        let c = calls.clone();
+        let svc = l.layer(tower::service_fn(move |_req: Request<BoxBody>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err::<Response<BoxBody>, _>(refused()) }
+        }));
+        let big = Bytes::from(vec![0u8; REPLAY_CAP + 1]);
+        let req = Request::post("/x")
+            .body(crate::http::boxed(http_body_util::Full::new(big)))
+            .expect("request");
+        svc.oneshot(req).await.expect_err("refused");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_budget_allows_a_fifth_of_requests_plus_the_floor() {
+        let b = Budget::default();
+        let now = Instant::now();
+        for _ in 0..100 {
+            b.deposit();
+        }
+        let mut allowed = 0;
+        while b.withdraw(now) {
+            allowed += 1;
+            assert!(allowed < 1000, "bounded");
+        }
+        assert_eq!(allowed, 20 + 10, "20% of 100 + the floor of 10");
+        assert!(!b.withdraw(now + Duration::from_millis(50)), "half a token");
+        assert!(
+            b.withdraw(now + Duration::from_millis(150)),
+            "the floor refills at 10/s"
+        );
+    }
+
+    #[test]
+    fn refused_stream_and_refused_connect_never_reached_a_server() {
+        assert!(never_reached(&*refused()));
+        let h2: BoxError = Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM));
+        assert!(never_reached(&*h2));
+        let reset: BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+        assert!(!never_reached(&*reset));
+        let io: BoxError = Box::new(std::io::Error::other("reset"));
+        assert!(!never_reached(&*io));
+    }
+}
