@@ -103,6 +103,47 @@ impl DetectMetrics {
     }
 }
 
+/// How a connection is served once detection is done.
+#[derive(Debug)]
+pub enum Served<T> {
+    Http(PrefixedIo<T>, HttpVersion),
+    Opaque(PrefixedIo<T>),
+}
+
+/// Detects the protocol (skipped on a server-speaks-first `opaque_port`) and records the
+/// outcome in `metrics`. `Err`: the client went away during detection.
+pub async fn detect_recorded<T: AsyncRead + Unpin>(
+    io: T,
+    opaque_port: bool,
+    timeout: Duration,
+    direction: Direction,
+    metrics: &DetectMetrics,
+) -> std::io::Result<Served<T>> {
+    if opaque_port {
+        metrics.record(direction, Protocol::opaque_port, Duration::ZERO);
+        return Ok(Served::Opaque(PrefixedIo::new(Bytes::new(), io)));
+    }
+    let (detected, took) = detect(io, timeout).await?;
+    Ok(match detected {
+        Detected::Http(io, version) => {
+            let protocol = match version {
+                HttpVersion::H1 => Protocol::http1,
+                HttpVersion::H2 => Protocol::http2,
+            };
+            metrics.record(direction, protocol, took);
+            Served::Http(io, version)
+        }
+        Detected::Opaque(io) => {
+            metrics.record(direction, Protocol::opaque, took);
+            Served::Opaque(io)
+        }
+        Detected::TimedOut(io) => {
+            metrics.record(direction, Protocol::timeout, took);
+            Served::Opaque(io)
+        }
+    })
+}
+
 /// Reads from `io` until the protocol is known or `timeout` passes.
 pub async fn detect<T: AsyncRead + Unpin>(
     mut io: T,

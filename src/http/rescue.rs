@@ -134,6 +134,27 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ProxyError {
     }
 }
 
+/// The edge of a proxying service: the forwarded response, or the error turned into one
+/// (logged with `what`), in the client's HTTP version and without hop-by-hop headers.
+pub fn finish(
+    result: Result<Response<BoxBody>, super::BoxError>,
+    grpc: bool,
+    version: http::Version,
+    what: &'static str,
+) -> Response<BoxBody> {
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            let kind = classify(&*e);
+            tracing::info!(error = %e, kind = kind.as_str(), "{what} failed");
+            response(kind, grpc)
+        }
+    };
+    *resp.version_mut() = version;
+    super::strip_hop_by_hop(resp.headers_mut());
+    resp
+}
+
 /// The response for `kind`, in gRPC shape when the request was gRPC.
 pub fn response(kind: ProxyError, grpc: bool) -> Response<BoxBody> {
     let mut r = Response::new(empty());

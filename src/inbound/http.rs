@@ -214,18 +214,8 @@ impl Service<Request<Incoming>> for ToApp {
         Box::pin(async move {
             let grpc = h::is_grpc(req.headers());
             let version = req.version();
-            let resp = match this.forward(req).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    let kind = rescue::classify(&*e);
-                    tracing::info!(error = %e, kind = kind.as_str(), "request to the app failed");
-                    rescue::response(kind, grpc)
-                }
-            };
-            let mut resp = resp;
-            *resp.version_mut() = version;
-            h::strip_hop_by_hop(resp.headers_mut());
-            Ok(resp)
+            let result = this.forward(req).await;
+            Ok(rescue::finish(result, grpc, version, "request to the app"))
         })
     }
 }

@@ -22,13 +22,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::{ProxyConfig, TargetMode};
-use crate::detect::{self, DetectMetrics, Detected, HttpVersion, Protocol};
+use crate::detect::{self, DetectMetrics, Served};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
 use crate::http::client::Upstreams;
@@ -36,7 +35,6 @@ use crate::layers::http_metrics::HttpMetrics;
 use crate::mesh::MeshMetrics;
 use crate::metrics::{Direction, TcpLabels, TcpMetrics};
 use crate::tls::IdentityStore;
-use crate::transport::prefixed::PrefixedIo;
 use policy::Policy;
 
 /// Time a mesh client has to complete its TLS handshake.
@@ -117,50 +115,39 @@ impl Inbound {
             self.tcp.refused(Direction::inbound, e.reason());
         };
         let _ = stream.set_nodelay(true);
-        let mut io = if self.config.is_opaque_port(dst.0.port()) {
-            if let Some(denied) = denied {
-                refuse(denied);
+        let opaque_port = self.config.is_opaque_port(dst.0.port());
+        if let (true, Some(denied)) = (opaque_port, denied) {
+            refuse(denied);
+            return;
+        }
+        let served = detect::detect_recorded(
+            stream,
+            opaque_port,
+            self.config.detect_timeout,
+            Direction::inbound,
+            &self.detect,
+        )
+        .await;
+        let mut io = match served {
+            Ok(Served::Http(io, version)) => {
+                let allowed = denied.is_none();
+                // Boxed: the HTTP state lives on the heap only for HTTP connections.
+                Box::pin(http::serve_plain(
+                    self.clone(),
+                    io,
+                    version,
+                    dst,
+                    started,
+                    allowed,
+                ))
+                .await;
                 return;
             }
-            self.detect
-                .record(Direction::inbound, Protocol::opaque_port, Duration::ZERO);
-            PrefixedIo::new(Bytes::new(), stream)
-        } else {
-            match detect::detect(stream, self.config.detect_timeout).await {
-                Ok((Detected::Http(io, version), took)) => {
-                    let protocol = match version {
-                        HttpVersion::H1 => Protocol::http1,
-                        HttpVersion::H2 => Protocol::http2,
-                    };
-                    self.detect.record(Direction::inbound, protocol, took);
-                    let allowed = denied.is_none();
-                    // Boxed: the HTTP state lives on the heap only for HTTP connections.
-                    Box::pin(http::serve_plain(
-                        self.clone(),
-                        io,
-                        version,
-                        dst,
-                        started,
-                        allowed,
-                    ))
-                    .await;
-                    return;
-                }
-                Ok((Detected::Opaque(io), took)) => {
-                    self.detect
-                        .record(Direction::inbound, Protocol::opaque, took);
-                    io
-                }
-                Ok((Detected::TimedOut(io), took)) => {
-                    self.detect
-                        .record(Direction::inbound, Protocol::timeout, took);
-                    io
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "client went away during detection");
-                    self.tcp.refused(Direction::inbound, CloseReason::IoError);
-                    return;
-                }
+            Ok(Served::Opaque(io)) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "client went away during detection");
+                self.tcp.refused(Direction::inbound, CloseReason::IoError);
+                return;
             }
         };
         if let Some(denied) = denied {

@@ -160,15 +160,8 @@ impl tower::Service<Request<Incoming>> for ProxyHttp {
         Box::pin(async move {
             let grpc = h::is_grpc(req.headers());
             let version = req.version();
-            let resp = match this.forward(req).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    let kind = rescue::classify(&*e);
-                    tracing::info!(error = %e, kind = kind.as_str(), "request failed");
-                    rescue::response(kind, grpc)
-                }
-            };
-            Ok(downgrade_response(resp, version))
+            let result = this.forward(req).await;
+            Ok(rescue::finish(result, grpc, version, "request"))
         })
     }
 }
@@ -305,13 +298,6 @@ fn absolute_uri(req: &mut Request<BoxBody>, dst: OrigDstAddr) -> Result<(), BoxE
         .path_and_query(path)
         .build()?;
     Ok(())
-}
-
-/// The response as the app's protocol expects it: its version, no hop-by-hop headers.
-fn downgrade_response(mut resp: Response<BoxBody>, version: Version) -> Response<BoxBody> {
-    *resp.version_mut() = version;
-    h::strip_hop_by_hop(resp.headers_mut());
-    resp
 }
 
 fn not_implemented() -> Response<BoxBody> {

@@ -23,15 +23,14 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use bytes::Bytes;
 use ipnet::IpNet;
 use tokio::net::TcpStream;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::ProxyConfig;
-use crate::detect::{self, DetectMetrics, Detected, HttpVersion, Protocol};
+use crate::detect::{self, DetectMetrics, Served};
 use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint, ServicePolicy};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
@@ -169,42 +168,26 @@ impl Outbound {
             }
         };
         let _ = stream.set_nodelay(true);
-        let io = if self.config.is_opaque_port(dst.0.port()) {
-            self.metrics
-                .detect
-                .record(Direction::outbound, Protocol::opaque_port, Duration::ZERO);
-            PrefixedIo::new(Bytes::new(), stream)
-        } else {
-            match detect::detect(stream, self.config.detect_timeout).await {
-                Ok((Detected::Http(io, version), took)) => {
-                    let protocol = match version {
-                        HttpVersion::H1 => Protocol::http1,
-                        HttpVersion::H2 => Protocol::http2,
-                    };
-                    self.metrics
-                        .detect
-                        .record(Direction::outbound, protocol, took);
-                    // Boxed: the HTTP state lives on the heap only for HTTP connections.
-                    Box::pin(http::serve(self.clone(), io, version, routed, started)).await;
-                    return;
-                }
-                Ok((Detected::Opaque(io), took)) => {
-                    self.metrics
-                        .detect
-                        .record(Direction::outbound, Protocol::opaque, took);
-                    io
-                }
-                Ok((Detected::TimedOut(io), took)) => {
-                    self.metrics
-                        .detect
-                        .record(Direction::outbound, Protocol::timeout, took);
-                    io
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "client went away during detection");
-                    self.tcp.refused(Direction::outbound, CloseReason::IoError);
-                    return;
-                }
+        let opaque_port = self.config.is_opaque_port(dst.0.port());
+        let served = detect::detect_recorded(
+            stream,
+            opaque_port,
+            self.config.detect_timeout,
+            Direction::outbound,
+            &self.metrics.detect,
+        )
+        .await;
+        let io = match served {
+            Ok(Served::Http(io, version)) => {
+                // Boxed: the HTTP state lives on the heap only for HTTP connections.
+                Box::pin(http::serve(self.clone(), io, version, routed, started)).await;
+                return;
+            }
+            Ok(Served::Opaque(io)) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "client went away during detection");
+                self.tcp.refused(Direction::outbound, CloseReason::IoError);
+                return;
             }
         };
         Box::pin(self.serve_tcp(io, routed.target, started)).await;
