@@ -41,5 +41,7 @@ pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod transport;

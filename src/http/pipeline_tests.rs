@@ -11,10 +11,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::{Proxy, ProxyAddrs};
 use crate::config::{ProxyConfig, TargetMode};
-use crate::demo::{http_get, metric_value};
-use crate::drain::Drain;
+use crate::demo::metric_value;
+use crate::testing::Running;
 use crate::tls::SpiffeId;
 use crate::tls::mint::TestCa;
 
@@ -85,34 +84,6 @@ async fn answer(req: Request<Incoming>) -> Response<crate::http::BoxBody> {
         String::from_utf8_lossy(&req.into_body().collect().await.expect("body").to_bytes()),
     );
     Response::new(crate::http::boxed(Full::new(Bytes::from(text))))
-}
-
-struct Running {
-    addrs: ProxyAddrs,
-    drain: Drain,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    fn start(config: ProxyConfig, identity: Option<crate::tls::Identity>) -> Self {
-        let proxy = Proxy::bind_with_identity(config, identity).expect("bind");
-        let addrs = proxy.addrs().expect("addrs");
-        let (drain, watch) = Drain::new();
-        let task = tokio::spawn(proxy.run(drain.clone(), watch));
-        Running { addrs, drain, task }
-    }
-
-    async fn metrics(&self) -> String {
-        http_get(self.addrs.admin, "/metrics")
-            .await
-            .expect("metrics")
-            .1
-    }
-
-    async fn stop(self) {
-        self.drain.start();
-        self.task.await.expect("join").expect("clean run");
-    }
 }
 
 /// A meshed pair in front of `app`: returns (client proxy, server proxy).

@@ -16,10 +16,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::{Proxy, ProxyAddrs};
 use crate::config::{ProxyConfig, TargetMode};
-use crate::demo::{http_get, metric_value};
-use crate::drain::Drain;
+use crate::demo::metric_value;
 
 /// The service address in the discovery file: the client's explicit outbound target. The proxy
 /// never dials it (discovery maps it to the endpoints).
@@ -108,11 +106,17 @@ impl Drop for App {
     }
 }
 
+/// A running proxy and the directory holding its discovery file.
 struct Running {
-    addrs: ProxyAddrs,
-    drain: Drain,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    proxy: crate::testing::Running,
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Running {
+    type Target = crate::testing::Running;
+    fn deref(&self) -> &Self::Target {
+        &self.proxy
+    }
 }
 
 impl Running {
@@ -136,28 +140,14 @@ impl Running {
     }
 
     fn with_config(c: ProxyConfig, dir: tempfile::TempDir) -> Running {
-        let proxy = Proxy::bind_with_identity(c, None).expect("bind");
-        let addrs = proxy.addrs().expect("addrs");
-        let (drain, watch) = Drain::new();
-        let task = tokio::spawn(proxy.run(drain.clone(), watch));
         Running {
-            addrs,
-            drain,
-            task,
+            proxy: crate::testing::Running::start(c, None),
             _dir: dir,
         }
     }
 
-    async fn metrics(&self) -> String {
-        http_get(self.addrs.admin, "/metrics")
-            .await
-            .expect("metrics")
-            .1
-    }
-
     async fn stop(self) {
-        self.drain.start();
-        self.task.await.expect("join").expect("clean run");
+        self.proxy.stop().await;
     }
 }
 

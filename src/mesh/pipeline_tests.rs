@@ -7,10 +7,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::app::{Proxy, ProxyAddrs};
 use crate::config::{ProxyConfig, TargetMode};
-use crate::demo::{http_get, metric_value};
-use crate::drain::Drain;
+use crate::demo::metric_value;
+use crate::testing::Running;
 use crate::tls::SpiffeId;
 use crate::tls::mint::TestCa;
 
@@ -36,34 +35,6 @@ async fn echo_app() -> SocketAddr {
     addr
 }
 
-struct Running {
-    addrs: ProxyAddrs,
-    drain: Drain,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn metrics(&self) -> String {
-        http_get(self.addrs.admin, "/metrics")
-            .await
-            .expect("metrics")
-            .1
-    }
-
-    async fn stop(self) {
-        self.drain.start();
-        self.task.await.expect("join").expect("proxy ran cleanly");
-    }
-}
-
-fn start(config: ProxyConfig, identity: Option<crate::tls::Identity>) -> Running {
-    let proxy = Proxy::bind_with_identity(config, identity).expect("bind proxy");
-    let addrs = proxy.addrs().expect("addrs");
-    let (drain, watch) = Drain::new();
-    let task = tokio::spawn(proxy.run(drain.clone(), watch));
-    Running { addrs, drain, task }
-}
-
 /// Server-side proxy for `app`, with optional inbound policy rules.
 fn server_proxy(ca: &TestCa, app: SocketAddr, rules: &[&str]) -> Running {
     let mut c = ProxyConfig::loopback();
@@ -72,7 +43,7 @@ fn server_proxy(ca: &TestCa, app: SocketAddr, rules: &[&str]) -> Running {
     let issued = ca
         .issue(&id("spiffe://cluster.local/ns/shop/sa/echo"), HOUR)
         .expect("issue");
-    start(c, Some(issued.identity().expect("identity")))
+    Running::start(c, Some(issued.identity().expect("identity")))
 }
 
 /// Client-side proxy whose outbound goes to `app`, which discovery says is served by the proxy
@@ -98,7 +69,7 @@ fn client_proxy(
     c.outbound_target = TargetMode::Fixed(app);
     c.discovery_file = Some(file);
     let issued = ca.issue(&id(me), HOUR).expect("issue");
-    start(c, Some(issued.identity().expect("identity")))
+    Running::start(c, Some(issued.identity().expect("identity")))
 }
 
 /// Sends `payload`, half-closes, and returns whatever comes back before EOF.
@@ -314,7 +285,7 @@ async fn foreign_ca_client_is_refused_at_the_handshake() {
             .identity()
             .expect("identity with both bundles"),
     };
-    let client = start(c, Some(identity));
+    let client = Running::start(c, Some(identity));
     assert!(roundtrip(client.addrs.outbound[0], b"x").await.is_empty());
     let mut failures = 0.0;
     for _ in 0..50 {
