@@ -124,7 +124,14 @@ pub async fn detect<T: AsyncRead + Unpin>(
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => {
+                let request_line = http1_request_line(&buf);
                 let io = PrefixedIo::new(buf.freeze(), io);
+                // A complete request line whose head trickles in (slowloris) is HTTP: hyper's
+                // header-read timeout closes it, and a forged tern-* header in it is stripped,
+                // rather than the head travelling on as opaque bytes.
+                if request_line {
+                    return Ok((Detected::Http(io, HttpVersion::H1), started.elapsed()));
+                }
                 return Ok((Detected::TimedOut(io), started.elapsed()));
             }
             Ok(Err(e)) => return Err(e),
@@ -141,9 +148,17 @@ pub async fn detect<T: AsyncRead + Unpin>(
     Ok((detected, started.elapsed()))
 }
 
-enum Verdict {
+/// What a connection's first bytes say ([`classify_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
     Http(HttpVersion),
     Opaque,
+}
+
+/// The pure decision [`detect`] makes on the bytes read so far: `None` while more bytes are
+/// needed. Exposed for the fuzz targets and the corpus replay test.
+pub fn classify_prefix(buf: &[u8]) -> Option<Verdict> {
+    classify(buf)
 }
 
 /// Decides on the bytes so far, or `None` when more are needed.
@@ -156,7 +171,7 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
         return (buf.len() >= H2_PREFACE.len()).then_some(Verdict::Http(HttpVersion::H2));
     }
     // An HTTP/1 request line: token SP target SP "HTTP/1." digit CRLF.
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    let Some(end) = line_end(buf) else {
         // Keep reading only while this could still be a request line.
         return (!plausible_start(buf)).then_some(Verdict::Opaque);
     };
@@ -204,15 +219,24 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
 
 /// Whether `buf` starts with a complete HTTP/1 request line.
 fn http1_request_line(buf: &[u8]) -> bool {
-    buf.windows(2)
-        .position(|w| w == b"\r\n")
-        .is_some_and(|end| {
-            let line = &buf[..end];
-            line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
-        })
+    line_end(buf).is_some_and(|end| {
+        let line = &buf[..end];
+        line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
+    })
 }
 
-/// Whether `buf` (no CRLF yet) could be the start of a request line.
+/// Where the first line ends (before its CRLF, or a bare LF, which hyper accepts too: such a
+/// request must be served as HTTP, not tunnelled past tern's header hygiene as opaque bytes).
+fn line_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.iter().position(|b| *b == b'\n')?;
+    Some(if lf > 0 && buf[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    })
+}
+
+/// Whether `buf` (no line end yet) could be the start of a request line.
 fn plausible_start(buf: &[u8]) -> bool {
     let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
     if method_len == buf.len() {
@@ -257,7 +281,11 @@ mod tests {
         let cases: &[(&[u8], bool, &str)] = &[
             (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", false, "h1"),
             (b"POST /a?b=c HTTP/1.0\r\n\r\n", false, "h1"),
-            (b"POST /a?b=c HTTP/1.0\r\nhost: x\r\n", false, "timeout"),
+            // A request line whose head never completes (slowloris) is still HTTP.
+            (b"POST /a?b=c HTTP/1.0\r\nhost: x\r\n", false, "h1"),
+            // Bare LF line ends: hyper accepts them, so they must not pass as opaque bytes.
+            (b"GET / HTTP/1.1\nhost: x\n\n", false, "h1"),
+            (b"GET / HTTP/1.1\nhost: x\n", false, "h1"),
             (
                 b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
                 false,
