@@ -183,10 +183,10 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
         return Some(Verdict::Opaque);
     };
     let is_http1 = !method.is_empty()
-        && method
-            .iter()
-            .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_')
+        && method.len() <= MAX_METHOD_LEN
+        && method.iter().all(|b| is_method_byte(*b))
         && !target.is_empty()
+        && !target.iter().any(u8::is_ascii_control)
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
     if !is_http1 {
         return Some(Verdict::Opaque);
@@ -236,16 +236,28 @@ fn line_end(buf: &[u8]) -> Option<usize> {
     })
 }
 
-/// Whether `buf` (no line end yet) could be the start of a request line.
+/// Whether `buf` (no line end yet) could be the start of a request line that [`classify`]
+/// would call HTTP. It must accept every prefix of such a line (any method case, any byte a
+/// target may hold, a CR waiting for its LF): otherwise how the client splits its writes would
+/// decide between HTTP and opaque, and opaque bytes reach the app past tern's header hygiene.
 fn plausible_start(buf: &[u8]) -> bool {
-    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    let method_len = buf.iter().take_while(|b| is_method_byte(**b)).count();
     if method_len == buf.len() {
-        return method_len <= 20;
+        return method_len <= MAX_METHOD_LEN;
     }
-    buf[method_len] == b' '
+    method_len > 0
+        && method_len <= MAX_METHOD_LEN
+        && buf[method_len] == b' '
         && buf[method_len + 1..]
             .iter()
-            .all(|b| b.is_ascii_graphic() || *b == b' ')
+            .all(|b| !b.is_ascii_control() || *b == b'\r')
+}
+
+/// Longest method detection waits for; longer ones are opaque however they arrive.
+const MAX_METHOD_LEN: usize = 20;
+
+fn is_method_byte(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'-' || b == b'_'
 }
 
 #[cfg(test)]
@@ -310,6 +322,35 @@ mod tests {
             let (got, replay) = run(input, *close).await;
             assert_eq!(got, *want, "input {:?}", String::from_utf8_lossy(input));
             assert_eq!(&replay[..], *input, "bytes replayed in order");
+        }
+    }
+
+    /// However a client splits its writes, a request that is HTTP as a whole is never decided
+    /// opaque on a prefix (found by the detect fuzz target: a non-ASCII target byte, a lowercase
+    /// method, or a CR arriving before its LF used to flip a trickled request to opaque).
+    #[test]
+    fn split_writes_do_not_change_the_verdict() {
+        let inputs: &[&[u8]] = &[
+            b"GET /\xff HTTP/1.1\r\ntern-client-id: x\r\n\r\n",
+            b"get / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"M-SEARCH * HTTP/1.1\r\n\r\n",
+            b"GETAT /ws\xff\xff HTTP/1.1\n\n",
+        ];
+        for input in inputs {
+            let whole = classify(input);
+            assert!(
+                matches!(whole, Some(Verdict::Http(HttpVersion::H1))),
+                "{input:?}"
+            );
+            for end in 1..input.len() {
+                let part = classify(&input[..end]);
+                assert!(
+                    part.is_none() || part == whole,
+                    "{:?} decided {part:?}",
+                    String::from_utf8_lossy(&input[..end])
+                );
+            }
         }
     }
 

@@ -606,12 +606,29 @@ async fn forged_client_id_from_a_plain_client_never_reaches_the_app() {
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "trickled: got {resp:?}");
 
+    // Split writes must not decide the protocol: a lowercase method (an extension method to
+    // hyper, so the app accepts it) arriving alone used to make the connection opaque.
+    let s = TcpStream::connect(inbound).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"get /forged").await.expect("first write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wr.write_all(
+        format!(" HTTP/1.1\r\nHost: u\r\n{forged}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("second write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, rd.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    eprintln!("[forged id] split: {:?}", resp.lines().next().unwrap_or(""));
+    assert!(resp.starts_with("HTTP/1.1 200"), "split: got {resp:?}");
+
     let after = proxy.rss().await;
     benign.finish("forged id").await;
     eprintln!("[forged id] RSS before {before} after {after}");
     assert_eq!(
         up.count("/forged"),
-        4,
+        5,
         "every plain request reached the app"
     );
     let seen = up.client_ids.lock().expect("lock").clone();
