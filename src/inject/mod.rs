@@ -213,7 +213,8 @@ fn fill_missing(raw: &Value, typed: &Value, at: &mut PointerBuf, ops: &mut Vec<P
         (Value::Object(r), Value::Object(t)) => {
             for (key, tv) in t {
                 at.push_back(key.as_str());
-                match (r.get(key), tv) {
+                // An explicit `null` (`metadata:` with nothing after it) is as good as absent.
+                match (r.get(key).filter(|v| !v.is_null()), tv) {
                     (Some(rv), _) => fill_missing(rv, tv, at, ops),
                     (None, Value::Object(_)) => {
                         ops.push(PatchOperation::Add(AddOperation {
