@@ -165,7 +165,14 @@ pub async fn detect<T: AsyncRead + Unpin>(
         }
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
             Err(_) => {
+                let request_line = http1_request_line(&buf);
                 let io = PrefixedIo::new(buf.freeze(), io);
+                // A complete request line whose head trickles in (slowloris) is HTTP: hyper's
+                // header-read timeout closes it, and a forged tern-* header in it is stripped,
+                // rather than the head travelling on as opaque bytes.
+                if request_line {
+                    return Ok((Detected::Http(io, HttpVersion::H1), started.elapsed()));
+                }
                 return Ok((Detected::TimedOut(io), started.elapsed()));
             }
             Ok(Err(e)) => return Err(e),
@@ -182,9 +189,17 @@ pub async fn detect<T: AsyncRead + Unpin>(
     Ok((detected, started.elapsed()))
 }
 
-enum Verdict {
+/// What a connection's first bytes say ([`classify_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
     Http(HttpVersion),
     Opaque,
+}
+
+/// The pure decision [`detect`] makes on the bytes read so far: `None` while more bytes are
+/// needed. Exposed for the fuzz targets and the corpus replay test.
+pub fn classify_prefix(buf: &[u8]) -> Option<Verdict> {
+    classify(buf)
 }
 
 /// Decides on the bytes so far, or `None` when more are needed.
@@ -197,7 +212,7 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
         return (buf.len() >= H2_PREFACE.len()).then_some(Verdict::Http(HttpVersion::H2));
     }
     // An HTTP/1 request line: token SP target SP "HTTP/1." digit CRLF.
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    let Some(end) = line_end(buf) else {
         // Keep reading only while this could still be a request line.
         return (!plausible_start(buf)).then_some(Verdict::Opaque);
     };
@@ -209,10 +224,10 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
         return Some(Verdict::Opaque);
     };
     let is_http1 = !method.is_empty()
-        && method
-            .iter()
-            .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_')
+        && method.len() <= MAX_METHOD_LEN
+        && method.iter().all(|b| is_method_byte(*b))
         && !target.is_empty()
+        && !target.iter().any(u8::is_ascii_control)
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0");
     if !is_http1 {
         return Some(Verdict::Opaque);
@@ -245,24 +260,45 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
 
 /// Whether `buf` starts with a complete HTTP/1 request line.
 fn http1_request_line(buf: &[u8]) -> bool {
-    buf.windows(2)
-        .position(|w| w == b"\r\n")
-        .is_some_and(|end| {
-            let line = &buf[..end];
-            line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
-        })
+    line_end(buf).is_some_and(|end| {
+        let line = &buf[..end];
+        line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0")
+    })
 }
 
-/// Whether `buf` (no CRLF yet) could be the start of a request line.
+/// Where the first line ends (before its CRLF, or a bare LF, which hyper accepts too: such a
+/// request must be served as HTTP, not tunnelled past tern's header hygiene as opaque bytes).
+fn line_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.iter().position(|b| *b == b'\n')?;
+    Some(if lf > 0 && buf[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    })
+}
+
+/// Whether `buf` (no line end yet) could be the start of a request line that [`classify`]
+/// would call HTTP. It must accept every prefix of such a line (any method case, any byte a
+/// target may hold, a CR waiting for its LF): otherwise how the client splits its writes would
+/// decide between HTTP and opaque, and opaque bytes reach the app past tern's header hygiene.
 fn plausible_start(buf: &[u8]) -> bool {
-    let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    let method_len = buf.iter().take_while(|b| is_method_byte(**b)).count();
     if method_len == buf.len() {
-        return method_len <= 20;
+        return method_len <= MAX_METHOD_LEN;
     }
-    buf[method_len] == b' '
+    method_len > 0
+        && method_len <= MAX_METHOD_LEN
+        && buf[method_len] == b' '
         && buf[method_len + 1..]
             .iter()
-            .all(|b| b.is_ascii_graphic() || *b == b' ')
+            .all(|b| !b.is_ascii_control() || *b == b'\r')
+}
+
+/// Longest method detection waits for; longer ones are opaque however they arrive.
+const MAX_METHOD_LEN: usize = 20;
+
+fn is_method_byte(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'-' || b == b'_'
 }
 
 #[cfg(test)]
@@ -298,7 +334,11 @@ mod tests {
         let cases: &[(&[u8], bool, &str)] = &[
             (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", false, "h1"),
             (b"POST /a?b=c HTTP/1.0\r\n\r\n", false, "h1"),
-            (b"POST /a?b=c HTTP/1.0\r\nhost: x\r\n", false, "timeout"),
+            // A request line whose head never completes (slowloris) is still HTTP.
+            (b"POST /a?b=c HTTP/1.0\r\nhost: x\r\n", false, "h1"),
+            // Bare LF line ends: hyper accepts them, so they must not pass as opaque bytes.
+            (b"GET / HTTP/1.1\nhost: x\n\n", false, "h1"),
+            (b"GET / HTTP/1.1\nhost: x\n", false, "h1"),
             (
                 b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
                 false,
@@ -323,6 +363,35 @@ mod tests {
             let (got, replay) = run(input, *close).await;
             assert_eq!(got, *want, "input {:?}", String::from_utf8_lossy(input));
             assert_eq!(&replay[..], *input, "bytes replayed in order");
+        }
+    }
+
+    /// However a client splits its writes, a request that is HTTP as a whole is never decided
+    /// opaque on a prefix (found by the detect fuzz target: a non-ASCII target byte, a lowercase
+    /// method, or a CR arriving before its LF used to flip a trickled request to opaque).
+    #[test]
+    fn split_writes_do_not_change_the_verdict() {
+        let inputs: &[&[u8]] = &[
+            b"GET /\xff HTTP/1.1\r\ntern-client-id: x\r\n\r\n",
+            b"get / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"M-SEARCH * HTTP/1.1\r\n\r\n",
+            b"GETAT /ws\xff\xff HTTP/1.1\n\n",
+        ];
+        for input in inputs {
+            let whole = classify(input);
+            assert!(
+                matches!(whole, Some(Verdict::Http(HttpVersion::H1))),
+                "{input:?}"
+            );
+            for end in 1..input.len() {
+                let part = classify(&input[..end]);
+                assert!(
+                    part.is_none() || part == whole,
+                    "{:?} decided {part:?}",
+                    String::from_utf8_lossy(&input[..end])
+                );
+            }
         }
     }
 

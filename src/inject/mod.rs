@@ -125,6 +125,13 @@ pub fn inject_object(
     let mut ops = json_patch::Patch(Vec::new());
     if let Outcome::Injected { pod: injected, .. } = &outcome {
         ops = pod_patch(&pod, injected);
+        // The patch is computed on the typed round trip, which always has e.g. `metadata`; a
+        // raw template without it (a CronJob's, say) first gets the empty containers it lacks.
+        let typed = serde_json::to_value(&pod).expect("a Pod always serializes");
+        let mut fill = Vec::new();
+        fill_missing(template, &typed, &mut PointerBuf::root(), &mut fill);
+        fill.append(&mut ops.0);
+        ops.0 = fill;
         json_patch::patch(template, &ops).map_err(|source| WorkloadError::Apply {
             kind: kind.clone(),
             name: name.clone(),
@@ -195,6 +202,46 @@ fn diff_at(left: &Value, right: &Value, at: &mut PointerBuf, ops: &mut Vec<Patch
             path: at.clone(),
             value: right.clone(),
         })),
+    }
+}
+
+/// `add` operations creating the empty objects and arrays `typed` has and `raw` lacks (members
+/// tern's types serialize even when the input omitted them), so a patch computed from `typed`
+/// applies to `raw`. Scalars are never added: `raw` keeps exactly what it said.
+fn fill_missing(raw: &Value, typed: &Value, at: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
+    match (raw, typed) {
+        (Value::Object(r), Value::Object(t)) => {
+            for (key, tv) in t {
+                at.push_back(key.as_str());
+                // An explicit `null` (`metadata:` with nothing after it) is as good as absent.
+                match (r.get(key).filter(|v| !v.is_null()), tv) {
+                    (Some(rv), _) => fill_missing(rv, tv, at, ops),
+                    (None, Value::Object(_)) => {
+                        ops.push(PatchOperation::Add(AddOperation {
+                            path: at.clone(),
+                            value: Value::Object(Default::default()),
+                        }));
+                        fill_missing(&Value::Object(Default::default()), tv, at, ops);
+                    }
+                    (None, Value::Array(a)) if a.is_empty() => {
+                        ops.push(PatchOperation::Add(AddOperation {
+                            path: at.clone(),
+                            value: Value::Array(Vec::new()),
+                        }))
+                    }
+                    (None, _) => {}
+                }
+                at.pop_back();
+            }
+        }
+        (Value::Array(r), Value::Array(t)) if r.len() == t.len() => {
+            for (i, (rv, tv)) in r.iter().zip(t).enumerate() {
+                at.push_back(i);
+                fill_missing(rv, tv, at, ops);
+                at.pop_back();
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1,0 +1,640 @@
+//! Hostile-input tests against real proxies on 127.0.0.1:0, in process: HTTP/1 request
+//! smuggling, oversized heads, slowloris, HTTP/2 stream floods and rapid reset (raw frames),
+//! and forged identity headers. Each case asserts what the proxy did AND that a concurrent
+//! well-behaved client kept getting answers; the proxy's RSS (`process_resident_memory_bytes`
+//! from `/metrics`, which in-process includes the test harness) is printed before and after.
+//! Bounded: every read has a deadline; no latency assertions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use tern::app::{Proxy, ProxyAddrs};
+use tern::config::{ProxyConfig, TargetMode};
+use tern::demo::{http_get, metric_value};
+use tern::drain::Drain;
+
+/// Generous upper bound for any single exchange with the proxy.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// An upstream app (HTTP/1 and h2c) that counts what reaches it: requests per path, the
+/// `tern-client-id` values it saw, and the most requests it held at once. `/hold` waits
+/// (bounded) before answering, so streams stay open.
+#[derive(Default)]
+struct Upstream {
+    total: AtomicUsize,
+    by_path: Mutex<BTreeMap<String, usize>>,
+    client_ids: Mutex<Vec<String>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+impl Upstream {
+    async fn start() -> (SocketAddr, Arc<Upstream>) {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = l.local_addr().expect("upstream addr");
+        let up = Arc::new(Upstream::default());
+        let state = up.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(state.answer(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, up)
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let path = req.uri().path().to_owned();
+        *self
+            .by_path
+            .lock()
+            .expect("lock")
+            .entry(path.clone())
+            .or_default() += 1;
+        if let Some(v) = req.headers().get("tern-client-id") {
+            self.client_ids
+                .lock()
+                .expect("lock")
+                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        }
+        let _ = req.into_body().collect().await;
+        if path == "/hold" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Response::new(Full::new(Bytes::from_static(b"ok")))
+    }
+
+    fn count(&self, path: &str) -> usize {
+        self.by_path
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+struct Running {
+    addrs: ProxyAddrs,
+    drain: Drain,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// A plain proxy whose outbound and inbound both go to `upstream` (explicit mode). A short
+    /// detect timeout keeps the slow cases bounded.
+    fn start(upstream: SocketAddr) -> Self {
+        let mut config = ProxyConfig::loopback();
+        config.outbound_target = TargetMode::Fixed(upstream);
+        config.inbound_target = TargetMode::Fixed(upstream);
+        config.detect_timeout = Duration::from_secs(2);
+        let proxy = Proxy::bind(config).expect("bind proxy");
+        let addrs = proxy.addrs().expect("addrs");
+        let (drain, watch) = Drain::new();
+        let task = tokio::spawn(proxy.run(drain.clone(), watch));
+        Running { addrs, drain, task }
+    }
+
+    fn outbound(&self) -> SocketAddr {
+        self.addrs.outbound[0]
+    }
+
+    async fn rss(&self) -> f64 {
+        let text = http_get(self.addrs.admin, "/metrics")
+            .await
+            .expect("metrics")
+            .1;
+        metric_value(&text, "process_resident_memory_bytes", "")
+    }
+
+    async fn stop(self) {
+        self.drain.start();
+        self.task.await.expect("join").expect("clean run");
+    }
+}
+
+/// A well-behaved HTTP/1 client sending `GET /ok` over one keep-alive connection until stopped.
+struct Benign {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, usize)>,
+}
+
+impl Benign {
+    fn start(entry: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, 0);
+            let mut sender = None;
+            // Bounded: stops when told, or after 100k requests.
+            for _ in 0..100_000 {
+                if flag.load(Ordering::SeqCst) && ok > 0 {
+                    break;
+                }
+                if sender.is_none() {
+                    let s = TcpStream::connect(entry).await.expect("benign connect");
+                    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                        .await
+                        .expect("benign handshake");
+                    tokio::spawn(conn);
+                    sender = Some(tx);
+                }
+                let tx = sender.as_mut().expect("a sender");
+                let req = Request::get("/ok")
+                    .header("host", "upstream")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                let answer = tokio::time::timeout(DEADLINE, async {
+                    let resp = tx.send_request(req).await?;
+                    let status = resp.status();
+                    resp.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(status)
+                })
+                .await;
+                match answer {
+                    Ok(Ok(s)) if s.is_success() => ok += 1,
+                    _ => {
+                        failed += 1;
+                        sender = None;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        });
+        Benign { stop, task }
+    }
+
+    /// Stops and asserts every benign request succeeded; returns how many did.
+    async fn finish(self, case: &str) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = self.task.await.expect("benign join");
+        eprintln!("[{case}] benign client: {ok} ok, {failed} failed");
+        assert!(ok > 0, "{case}: the benign client got no answers");
+        assert_eq!(
+            failed, 0,
+            "{case}: benign requests failed during the attack"
+        );
+        ok
+    }
+}
+
+/// Writes `payload` on a fresh connection and reads until the proxy closes (bounded). Returns
+/// what was read and whether the connection was closed within the deadline.
+async fn exchange(entry: SocketAddr, payload: &[u8]) -> (String, bool) {
+    let s = TcpStream::connect(entry).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let owned = payload.to_vec();
+    // The proxy may answer and close before reading everything: write beside the read.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&owned).await;
+        wr
+    });
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    drop(writer.await);
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_smuggling_is_refused_and_nothing_reaches_the_upstream() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: u\r\n\r\n";
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "conflicting Content-Length",
+            format!(
+                "POST /attack HTTP/1.1\r\nHost: u\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            format!(
+                "POST /attack HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "Transfer-Encoding: xchunked",
+            format!(
+                "POST /attack HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "Content-Length with a sign",
+            format!(
+                "POST /attack HTTP/1.1\r\nHost: u\r\nContent-Length: +5\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "space before the colon",
+            format!(
+                "POST /attack HTTP/1.1\r\nHost: u\r\nContent-Length : 5\r\n\r\nhello{smuggled}"
+            ),
+        ),
+        (
+            "obs-fold",
+            format!("GET /attack HTTP/1.1\r\nHost: u\r\nX-A: a\r\n b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "bare CR in the head",
+            format!("GET /attack HTTP/1.1\r\nHost: u\rX-A: b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "NUL in a header value",
+            format!("GET /attack HTTP/1.1\r\nHost: u\r\nX-A: a\0b\r\n\r\n{smuggled}"),
+        ),
+    ];
+    for (name, payload) in &cases {
+        let (resp, closed) = exchange(proxy.outbound(), payload.as_bytes()).await;
+        eprintln!(
+            "[smuggling] {name}: {:?}",
+            resp.lines().next().unwrap_or("")
+        );
+        assert!(resp.starts_with("HTTP/1.1 400"), "{name}: got {resp:?}");
+        assert!(closed, "{name}: the connection stayed open");
+    }
+    // CL + TE: hyper applies RFC 9112 §6.1 (Transfer-Encoding wins, Content-Length is removed,
+    // the connection closes after the response), so the upstream gets one unambiguous chunked
+    // request and never the bytes behind it.
+    let (resp, closed) = exchange(
+        proxy.outbound(),
+        format!(
+            "POST /clte HTTP/1.1\r\nHost: u\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        )
+        .as_bytes(),
+    )
+    .await;
+    eprintln!("[smuggling] CL+TE: {:?}", resp.lines().next().unwrap_or(""));
+    assert!(
+        resp.starts_with("HTTP/1.1 400")
+            || (resp.starts_with("HTTP/1.1 200") && resp.contains("connection: close")),
+        "CL+TE: got {resp:?}"
+    );
+    assert!(closed, "CL+TE: the connection stayed open");
+    let clte = up.count("/clte");
+    assert!(clte <= 1);
+
+    // Bare LF line ends: hyper reads them as one well-formed request and forwards it normalized;
+    // it must arrive exactly once, with nothing smuggled behind it.
+    let (resp, _) = exchange(
+        proxy.outbound(),
+        b"GET /barelf HTTP/1.1\nHost: u\nContent-Length: 0\nConnection: close\n\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "bare LF: got {resp:?}");
+
+    let after = proxy.rss().await;
+    let ok = benign.finish("smuggling").await;
+    eprintln!("[smuggling] RSS before {before} after {after}");
+    assert_eq!(
+        up.count("/attack"),
+        0,
+        "an ambiguous request reached the upstream"
+    );
+    assert_eq!(
+        up.count("/smuggled"),
+        0,
+        "a smuggled request reached the upstream"
+    );
+    assert_eq!(up.count("/barelf"), 1);
+    assert_eq!(
+        up.total.load(Ordering::SeqCst),
+        ok + 1 + clte,
+        "the upstream saw exactly the well-formed requests"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_head_gets_431() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let mut head = String::from("GET /big HTTP/1.1\r\nHost: u\r\n");
+    for i in 0..70 {
+        head.push_str(&format!("X-Pad-{i}: {}\r\n", "a".repeat(1000)));
+    }
+    head.push_str("\r\n");
+    let (resp, closed) = exchange(proxy.outbound(), head.as_bytes()).await;
+    let after = proxy.rss().await;
+    benign.finish("431").await;
+    eprintln!("[431] RSS before {before} after {after}");
+    assert!(resp.starts_with("HTTP/1.1 431"), "got {resp:?}");
+    assert!(closed, "the connection stayed open");
+    assert_eq!(up.count("/big"), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_head_is_closed() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let s = TcpStream::connect(proxy.outbound()).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"GET /slow HTTP/1.1\r\nHost: u\r\n")
+        .await
+        .expect("request line");
+    // One header line a second; the detect timeout (2 s here) plus the 10 s header-read
+    // timeout end it. The bound (40 lines) is far beyond both: it is not a latency assertion.
+    let mut closed = false;
+    for i in 0..40 {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(1), rd.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {} // a 408, then the close
+            Err(_) => {}
+        }
+        if wr
+            .write_all(format!("X-Slow-{i}: a\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+    }
+    let after = proxy.rss().await;
+    benign.finish("slowloris").await;
+    eprintln!("[slowloris] RSS before {before} after {after}");
+    assert!(closed, "a trickling head was never closed");
+    assert_eq!(
+        up.count("/slow"),
+        0,
+        "the trickled head reached the upstream"
+    );
+    proxy.stop().await;
+}
+
+// --- raw HTTP/2 frames -------------------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HEADERS (END_HEADERS, and END_STREAM when `end`) for `GET <path>`: HPACK static-table
+/// `:method GET`, `:scheme http`, and literal-without-indexing `:path` and `:authority`.
+fn get_headers(stream: u32, path: &str, end: bool) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
+    block.extend_from_slice(&[0x01, 0x01, b'u']);
+    frame(0x1, 0x4 | if end { 0x1 } else { 0 }, stream, &block)
+}
+
+/// Reads frames until EOF or the deadline: counts RST_STREAM codes and GOAWAY codes.
+async fn read_frames(rd: &mut tokio::net::tcp::OwnedReadHalf) -> (Vec<u32>, Vec<u32>, bool) {
+    let mut resets = Vec::new();
+    let mut goaways = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut head = [0u8; 9];
+            if rd.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match head[3] {
+                0x3 if len == 4 => resets.push(u32::from_be_bytes([
+                    payload[0], payload[1], payload[2], payload[3],
+                ])),
+                0x7 if len >= 8 => goaways.push(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ])),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (resets, goaways, closed)
+}
+
+const REFUSED_STREAM: u32 = 0x7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_beyond_the_limit_are_refused() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let s = TcpStream::connect(proxy.outbound()).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    // A client that ignores SETTINGS_MAX_CONCURRENT_STREAMS: 150 held streams at once.
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..150u32 {
+        out.extend(get_headers(1 + 2 * i, "/hold", true));
+    }
+    wr.write_all(&out).await.expect("write frames");
+    // Read for a bounded while (the held streams answer after 3 s), then hang up.
+    let reader = tokio::spawn(async move { read_frames(&mut rd).await });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(wr);
+    let (resets, goaways, _) = reader.await.expect("reader");
+    let after = proxy.rss().await;
+    benign.finish("h2 streams").await;
+    let refused = resets.iter().filter(|c| **c == REFUSED_STREAM).count();
+    eprintln!(
+        "[h2 streams] RST_STREAM codes {:?}, GOAWAY {goaways:?}; upstream max in flight {}; RSS before {before} after {after}",
+        resets
+            .iter()
+            .fold(BTreeMap::<u32, usize>::new(), |mut m, c| {
+                *m.entry(*c).or_default() += 1;
+                m
+            }),
+        up.max_in_flight.load(Ordering::SeqCst),
+    );
+    assert!(
+        refused >= 1 || !goaways.is_empty(),
+        "streams beyond the limit were neither refused nor the connection ended"
+    );
+    assert!(
+        up.count("/hold") <= 100,
+        "{} streams reached the upstream",
+        up.count("/hold")
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_rapid_reset_ends_the_connection_with_goaway() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let s = TcpStream::connect(proxy.outbound()).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let reader = tokio::spawn(async move { read_frames(&mut rd).await });
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    wr.write_all(&out).await.expect("preface");
+    // Open and cancel streams as fast as possible (CVE-2023-44487), in batches.
+    let attempted = 5_000u32;
+    let mut sent = 0;
+    for batch in 0..(attempted / 100) {
+        let mut out = Vec::new();
+        for i in 0..100 {
+            let id = 1 + 2 * (batch * 100 + i);
+            out.extend(get_headers(id, "/reset", true));
+            out.extend(frame(0x3, 0, id, &0x8u32.to_be_bytes())); // CANCEL
+        }
+        if wr.write_all(&out).await.is_err() {
+            break;
+        }
+        sent += 100;
+    }
+    let (resets, goaways, closed) = reader.await.expect("reader");
+    let after = proxy.rss().await;
+    benign.finish("rapid reset").await;
+    eprintln!(
+        "[rapid reset] sent {sent} HEADERS+RST pairs; GOAWAY codes {goaways:?}; {} RST_STREAMs back; upstream saw {} /reset; RSS before {before} after {after}",
+        resets.len(),
+        up.count("/reset"),
+    );
+    assert!(!goaways.is_empty(), "no GOAWAY after {sent} resets");
+    assert!(closed, "the connection stayed open");
+    assert!(
+        up.count("/reset") < sent as usize,
+        "every reset stream still reached the upstream"
+    );
+    proxy.stop().await;
+}
+
+// --- identity ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_client_id_from_a_plain_client_never_reaches_the_app() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let inbound = proxy.addrs.inbound;
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let forged = "tern-client-id: spiffe://cluster.local/ns/kube-system/sa/admin";
+    for (name, payload) in [
+        (
+            "CRLF",
+            format!("GET /forged HTTP/1.1\r\nHost: u\r\n{forged}\r\nConnection: close\r\n\r\n"),
+        ),
+        (
+            "bare LF",
+            format!("GET /forged HTTP/1.1\nHost: u\n{forged}\nConnection: close\n\n"),
+        ),
+        (
+            "mixed case",
+            format!(
+                "GET /forged HTTP/1.1\r\nHost: u\r\n{}\r\nConnection: close\r\n\r\n",
+                forged.to_uppercase().replacen("SPIFFE", "spiffe", 1)
+            ),
+        ),
+    ] {
+        let (resp, _) = exchange(inbound, payload.as_bytes()).await;
+        eprintln!(
+            "[forged id] {name}: {:?}",
+            resp.lines().next().unwrap_or("")
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "{name}: got {resp:?}");
+    }
+    // A head that trickles past the detect timeout (2 s) must not turn into opaque bytes
+    // carrying the forged header to the app.
+    let s = TcpStream::connect(inbound).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(format!("GET /forged HTTP/1.1\r\nHost: u\r\n{forged}\r\n").as_bytes())
+        .await
+        .expect("head");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wr.write_all(b"Connection: close\r\n\r\n")
+        .await
+        .expect("end of head");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, rd.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    eprintln!(
+        "[forged id] trickled: {:?}",
+        resp.lines().next().unwrap_or("")
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "trickled: got {resp:?}");
+
+    // Split writes must not decide the protocol: a lowercase method (an extension method to
+    // hyper, so the app accepts it) arriving alone used to make the connection opaque.
+    let s = TcpStream::connect(inbound).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"get /forged").await.expect("first write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wr.write_all(
+        format!(" HTTP/1.1\r\nHost: u\r\n{forged}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("second write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, rd.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    eprintln!("[forged id] split: {:?}", resp.lines().next().unwrap_or(""));
+    assert!(resp.starts_with("HTTP/1.1 200"), "split: got {resp:?}");
+
+    let after = proxy.rss().await;
+    benign.finish("forged id").await;
+    eprintln!("[forged id] RSS before {before} after {after}");
+    assert_eq!(
+        up.count("/forged"),
+        5,
+        "every plain request reached the app"
+    );
+    let seen = up.client_ids.lock().expect("lock").clone();
+    assert!(
+        seen.is_empty(),
+        "forged identities reached the app: {seen:?}"
+    );
+    proxy.stop().await;
+}
