@@ -506,8 +506,9 @@ mod tests {
         // Two held connections fill --max-connections=2; a third is closed with reason=limit.
         let mut held1 = TcpStream::connect(addrs.inbound).await.expect("held1");
         let mut held2 = TcpStream::connect(addrs.inbound).await.expect("held2");
-        held1.write_all(b"a").await.expect("w1");
-        held2.write_all(b"b").await.expect("w2");
+        // Bytes that cannot start an HTTP request: detection decides "opaque" at once.
+        held1.write_all(b"\x01").await.expect("w1");
+        held2.write_all(b"\x02").await.expect("w2");
         let mut over = TcpStream::connect(addrs.inbound).await.expect("over");
         let mut buf = [0u8; 1];
         let n = over.read(&mut buf).await.unwrap_or(0);
@@ -541,7 +542,7 @@ mod tests {
         held2.shutdown().await.expect("close held2");
         let mut rest = Vec::new();
         held1.read_to_end(&mut rest).await.expect("held1 answer");
-        assert_eq!(rest, b"a");
+        assert_eq!(rest, b"\x01");
         task.await.expect("join").expect("run ok");
     }
 }
