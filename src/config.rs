@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::addr::PortRange;
-use crate::cli::ProxyArgs;
+use crate::cli::{DiscoveryMode, ProxyArgs};
+use crate::discover::kube::ApiServer;
 use crate::inbound::policy::{DefaultPolicy, PortRule};
 
 /// A configuration value the proxy refuses, naming the flag and its environment variable.
@@ -40,6 +41,16 @@ pub enum ConfigError {
         "--require-mtls (TERN_REQUIRE_MTLS) needs an identity: set --identity-dir (TERN_IDENTITY_DIR)"
     )]
     RequireMtlsWithoutIdentity,
+    #[error("--discovery file (TERN_DISCOVERY) needs --discovery-file (TERN_DISCOVERY_FILE)")]
+    DiscoveryFileMissing,
+    #[error("--{flag} ({env}) must be between {min:?} and {max:?}, got {value:?}")]
+    DiscoveryDuration {
+        flag: &'static str,
+        env: &'static str,
+        min: Duration,
+        max: Duration,
+        value: Duration,
+    },
     #[error("--outbound-addrs (TERN_OUTBOUND_ADDRS) must name at least one address")]
     NoOutboundAddrs,
     #[error("--{flag} ({env}) {addr} is one of the proxy's own listeners: that would be a loop")]
@@ -101,6 +112,13 @@ pub struct ProxyConfig {
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
     pub service_account: Option<String>,
+    /// Kubernetes discovery: where the API server is; `None`: off.
+    pub kubernetes: Option<ApiServer>,
+    pub cluster_domain: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_idle_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -183,6 +201,7 @@ impl ProxyConfig {
                 addr: t,
             });
         }
+        let (kubernetes, discovery_file) = discovery_sources(a)?;
         let mode = |t: Option<SocketAddr>| t.map_or(TargetMode::OrigDst, TargetMode::Fixed);
         Ok(ProxyConfig {
             outbound_addrs: a.outbound_addrs.clone(),
@@ -200,7 +219,7 @@ impl ProxyConfig {
             workers: a.workers,
             identity_dir: a.identity_dir.clone(),
             identity_reload_interval: a.identity_reload_interval,
-            discovery_file: a.discovery_file.clone(),
+            discovery_file,
             discovery_reload_interval: a.discovery_reload_interval,
             cluster_networks: a.cluster_networks.clone(),
             service_networks: a.service_networks.clone(),
@@ -214,8 +233,63 @@ impl ProxyConfig {
             pod_name: a.pod_name.clone(),
             pod_namespace: a.pod_namespace.clone(),
             service_account: a.service_account.clone(),
+            kubernetes,
+            cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
+            discovery_idle_timeout: a.discovery_idle_timeout,
+            discovery_timeout: a.discovery_timeout,
         })
     }
+}
+
+/// The discovery sources `--discovery` selects: the Kubernetes API server, the file.
+fn discovery_sources(a: &ProxyArgs) -> Result<(Option<ApiServer>, Option<PathBuf>), ConfigError> {
+    for (flag, env, value, min, max) in [
+        (
+            "discovery-timeout",
+            "TERN_DISCOVERY_TIMEOUT",
+            a.discovery_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        ),
+        (
+            "discovery-idle-timeout",
+            "TERN_DISCOVERY_IDLE_TIMEOUT",
+            a.discovery_idle_timeout,
+            Duration::from_millis(10),
+            Duration::from_secs(24 * 3600),
+        ),
+    ] {
+        if value < min || value > max {
+            return Err(ConfigError::DiscoveryDuration {
+                flag,
+                env,
+                min,
+                max,
+                value,
+            });
+        }
+    }
+    let explicit = a.kube_api_url.clone().map(ApiServer::Url);
+    Ok(match a.discovery {
+        DiscoveryMode::Auto => (
+            explicit.or_else(|| {
+                a.kubernetes_service_host
+                    .as_ref()
+                    .filter(|h| !h.is_empty())
+                    .map(|_| ApiServer::InCluster)
+            }),
+            a.discovery_file.clone(),
+        ),
+        DiscoveryMode::Kubernetes => (
+            Some(explicit.unwrap_or(ApiServer::InCluster)),
+            a.discovery_file.clone(),
+        ),
+        DiscoveryMode::File => match &a.discovery_file {
+            Some(f) => (None, Some(f.clone())),
+            None => return Err(ConfigError::DiscoveryFileMissing),
+        },
+        DiscoveryMode::None => (None, None),
+    })
 }
 
 impl ProxyConfig {
@@ -243,7 +317,10 @@ impl ProxyConfig {
         let crate::cli::Command::Proxy(args) = cli.command else {
             unreachable!("parsed a proxy command");
         };
-        ProxyConfig::from_args(&args).expect("the loopback defaults are valid")
+        let mut c = ProxyConfig::from_args(&args).expect("the loopback defaults are valid");
+        // Never the API server of a cluster the tests happen to run in.
+        c.kubernetes = None;
+        c
     }
 }
 

@@ -60,8 +60,6 @@ use crate::discover::Resolved;
 pub enum ApiServer {
     /// The pod's own service account (`KUBERNETES_SERVICE_HOST`, the mounted token and CA).
     InCluster,
-    /// A kubeconfig (`KUBECONFIG`, `~/.kube/config`), else in-cluster.
-    Infer,
     /// This URL, no authentication (tests, `kubectl proxy`).
     Url(#[serde(serialize_with = "crate::discover::kube::serialize_uri")] http::Uri),
 }
@@ -75,17 +73,15 @@ fn serialize_uri<S: serde::Serializer>(u: &http::Uri, s: S) -> Result<S::Ok, S::
 pub enum KubeError {
     #[error("Kubernetes in-cluster configuration (KUBERNETES_SERVICE_HOST, service account token): {0}")]
     InCluster(#[source] kube::config::InClusterError),
-    #[error("Kubernetes configuration (kubeconfig or in-cluster): {0}")]
-    Infer(#[source] kube::config::InferConfigError),
     #[error("building the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
 }
 
-/// Builds the one Kubernetes client of the proxy (must run inside a tokio runtime).
-pub async fn client(api: &ApiServer) -> Result<kube::Client, KubeError> {
+/// Builds the one Kubernetes client of the proxy (must run inside a tokio runtime). Outside a
+/// cluster, point `--kube-api-url` at `kubectl proxy`.
+pub fn client(api: &ApiServer) -> Result<kube::Client, KubeError> {
     let config = match api {
         ApiServer::InCluster => kube::Config::incluster().map_err(KubeError::InCluster)?,
-        ApiServer::Infer => kube::Config::infer().await.map_err(KubeError::Infer)?,
         ApiServer::Url(url) => kube::Config::new(url.clone()),
     };
     kube::Client::try_from(config).map_err(KubeError::Client)
