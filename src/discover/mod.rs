@@ -196,7 +196,9 @@ impl Discovery {
             }));
         }
         let kube = self.kube.as_ref()?;
-        kube.lookup(dst).await.map(|rx| Watched(WatchedInner::Kube(rx)))
+        kube.lookup(dst)
+            .await
+            .map(|rx| Watched(WatchedInner::Kube(rx)))
     }
 
     /// Resolves an HTTP authority (`name[.ns[.svc[.<cluster-domain>]]][:port]`, `port` when it

@@ -138,12 +138,7 @@ impl ServiceWatch {
         }
         let info = shared.services.get(&self.key)?;
         let svc_port = info.port(port)?;
-        let endpoints = endpoints(
-            state.slices.values(),
-            &svc_port.name,
-            family,
-            &state.pods,
-        );
+        let endpoints = endpoints(state.slices.values(), &svc_port.name, family, &state.pods);
         Some(Resolved {
             service: Some(self.key.to_string()),
             endpoints: Arc::from(endpoints),
@@ -177,7 +172,12 @@ impl ServiceWatch {
         let count: i64 = state
             .slices
             .values()
-            .map(|s| s.endpoints.iter().map(|e| e.addresses.len() as i64).sum::<i64>())
+            .map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| e.addresses.len() as i64)
+                    .sum::<i64>()
+            })
             .sum();
         shared.metrics.endpoints.inc_by(count - state.counted);
         state.counted = count;
@@ -234,7 +234,10 @@ impl ServiceWatch {
             }
             Event::InitApply(p) => {
                 let (n, i) = info(&p);
-                state.listing_pods.get_or_insert_with(HashMap::new).insert(n, i);
+                state
+                    .listing_pods
+                    .get_or_insert_with(HashMap::new)
+                    .insert(n, i);
                 false
             }
             Event::InitDone => {
@@ -314,7 +317,11 @@ fn pod_stream(
     match selector {
         Some(selector) => {
             let api: kube::Api<Pod> = kube::Api::namespaced(shared.client.clone(), &key.namespace);
-            shared.watch_stream(api, watcher::Config::default().labels(selector), WatchResource::pods)
+            shared.watch_stream(
+                api,
+                watcher::Config::default().labels(selector),
+                WatchResource::pods,
+            )
         }
         None => futures_util::stream::pending().boxed(),
     }

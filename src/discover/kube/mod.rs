@@ -71,7 +71,9 @@ fn serialize_uri<S: serde::Serializer>(u: &http::Uri, s: S) -> Result<S::Ok, S::
 /// Why the Kubernetes client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("Kubernetes in-cluster configuration (KUBERNETES_SERVICE_HOST, service account token): {0}")]
+    #[error(
+        "Kubernetes in-cluster configuration (KUBERNETES_SERVICE_HOST, service account token): {0}"
+    )]
     InCluster(#[source] kube::config::InClusterError),
     #[error("building the Kubernetes client: {0}")]
     Client(#[source] kube::Error),
@@ -177,7 +179,8 @@ pub fn resolve_authority(
     let dns_label = |s: &str| {
         !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     if !dns_label(name) || !dns_label(ns) {
         return None;
@@ -347,7 +350,10 @@ impl Shared {
         if !watch.is_idle(self.settings.idle_timeout) {
             return false;
         }
-        if watches.get(&watch.key).is_some_and(|w| Arc::ptr_eq(w, watch)) {
+        if watches
+            .get(&watch.key)
+            .is_some_and(|w| Arc::ptr_eq(w, watch))
+        {
             watches.remove(&watch.key);
         }
         true
@@ -423,7 +429,11 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.services_task.abort();
-        let watches = self.shared.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let watches = self
+            .shared
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for w in watches.values() {
             if let Some(t) = w.task.get() {
                 t.abort();

@@ -210,16 +210,26 @@ impl Index {
                 Err(errors) => {
                     for e in &errors {
                         tracing::warn!(error = %e, "invalid Service annotation; keeping the last good policy");
-                        metrics.config_error("Service", &e.namespace, &e.name, &format!("metadata.annotations[{}]", e.annotation));
+                        metrics.config_error(
+                            "Service",
+                            &e.namespace,
+                            &e.name,
+                            &format!("metadata.annotations[{}]", e.annotation),
+                        );
                     }
-                    previous.as_ref().map_or_else(Arc::default, |p| p.policy.clone())
+                    previous
+                        .as_ref()
+                        .map_or_else(Arc::default, |p| p.policy.clone())
                 }
             },
         };
         let spec = svc.spec.as_ref();
         let ips: Vec<&String> = match spec.and_then(|s| s.cluster_ips.as_ref()) {
             Some(ips) if !ips.is_empty() => ips.iter().collect(),
-            _ => spec.and_then(|s| s.cluster_ip.as_ref()).into_iter().collect(),
+            _ => spec
+                .and_then(|s| s.cluster_ip.as_ref())
+                .into_iter()
+                .collect(),
         };
         let cluster_ips = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         let ports = spec
@@ -280,7 +290,10 @@ pub fn policy(
         }
     }
     let mut on = Vec::new();
-    for (annotation, grpc) in [(RETRY_HTTP_ANNOTATION, false), (RETRY_GRPC_ANNOTATION, true)] {
+    for (annotation, grpc) in [
+        (RETRY_HTTP_ANNOTATION, false),
+        (RETRY_GRPC_ANNOTATION, true),
+    ] {
         let Some(v) = annotations.get(annotation) else {
             continue;
         };
@@ -291,7 +304,9 @@ pub fn policy(
                 _ if grpc => error(
                     annotation,
                     v,
-                    format!("`{item}` is not a gRPC code name (unavailable, resource-exhausted, deadline-exceeded, internal, unknown, aborted, cancelled)"),
+                    format!(
+                        "`{item}` is not a gRPC code name (unavailable, resource-exhausted, deadline-exceeded, internal, unknown, aborted, cancelled)"
+                    ),
                 ),
                 _ => error(
                     annotation,
@@ -315,7 +330,11 @@ pub fn policy(
     if !on.is_empty() {
         p.retry = Some(RetryPolicy { on, attempts });
     }
-    if errors.is_empty() { Ok(p) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(p)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Runs the cluster-wide Services watch until aborted. A (re)list replaces the index at once
@@ -403,7 +422,8 @@ mod tests {
         let names: Vec<_> = errors.iter().map(|e| e.annotation).collect();
         assert_eq!(names, ANNOTATIONS.to_vec());
         assert!(
-            errors[1].to_string().contains("shop/web") && errors[1].to_string().contains("unavailable"),
+            errors[1].to_string().contains("shop/web")
+                && errors[1].to_string().contains("unavailable"),
             "{}",
             errors[1]
         );
