@@ -30,6 +30,8 @@ pub mod services;
 #[cfg(test)]
 mod fake_api;
 #[cfg(test)]
+mod pipeline_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
