@@ -416,4 +416,80 @@ mod tests {
         );
         assert_eq!(json["outbound_target"]["mode"], "orig_dst");
     }
+
+    #[test]
+    fn discovery_sources_follow_the_mode() {
+        // `--kubernetes-service-host` stands in for the KUBERNETES_SERVICE_HOST a pod gets.
+        let out = ["--kubernetes-service-host", ""];
+        let inside = ["--kubernetes-service-host", "10.96.0.1"];
+        let c = parse(&out).expect("valid");
+        assert_eq!(c.kubernetes, None, "auto outside a cluster: off");
+        let c = parse(&inside).expect("valid");
+        assert_eq!(
+            c.kubernetes,
+            Some(ApiServer::InCluster),
+            "auto in a cluster"
+        );
+        assert_eq!(c.discovery_timeout, Duration::from_secs(1));
+        assert_eq!(c.discovery_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.cluster_domain, "cluster.local");
+        let c = parse(
+            &[
+                &inside[..],
+                &["--discovery", "none", "--discovery-file", "d.yaml"],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.kubernetes, c.discovery_file),
+            (None, None),
+            "none: nothing"
+        );
+        let c = parse(
+            &[
+                &inside[..],
+                &["--discovery", "file", "--discovery-file", "d.yaml"],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(c.kubernetes, None, "file: the file only");
+        assert_eq!(c.discovery_file, Some(PathBuf::from("d.yaml")));
+        assert_eq!(
+            parse(&["--discovery", "file"]).expect_err("no file"),
+            ConfigError::DiscoveryFileMissing
+        );
+        let c = parse(
+            &[
+                &out[..],
+                &[
+                    "--discovery",
+                    "kubernetes",
+                    "--kube-api-url",
+                    "http://127.0.0.1:8001",
+                ],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.kubernetes,
+            Some(ApiServer::Url(
+                "http://127.0.0.1:8001".parse().expect("url")
+            ))
+        );
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["kubernetes"]["url"], "http://127.0.0.1:8001/");
+        let c = parse(&[&out[..], &["--cluster-domain", "example.org."]].concat()).expect("valid");
+        assert_eq!(c.cluster_domain, "example.org");
+        let e = parse(&["--discovery-timeout", "0s"]).expect_err("zero");
+        assert!(
+            e.to_string()
+                .contains("--discovery-timeout (TERN_DISCOVERY_TIMEOUT)"),
+            "{e}"
+        );
+        let e = parse(&["--discovery-idle-timeout", "1ms"]).expect_err("too short");
+        assert!(e.to_string().contains("--discovery-idle-timeout"), "{e}");
+    }
 }
