@@ -51,6 +51,8 @@ pub struct ServiceWatch {
     /// True once both the EndpointSlices and the Pods were listed.
     synced: watch::Sender<bool>,
     last_used: Mutex<Instant>,
+    /// When the watch started (bounds how long lookups wait for its first list).
+    pub created: tokio::time::Instant,
     pub(super) task: OnceLock<AbortHandle>,
 }
 
@@ -83,6 +85,7 @@ impl ServiceWatch {
             state: Mutex::new(State::default()),
             synced: watch::Sender::new(false),
             last_used: Mutex::new(Instant::now()),
+            created: tokio::time::Instant::now(),
             task: OnceLock::new(),
         })
     }

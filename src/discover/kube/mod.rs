@@ -299,6 +299,9 @@ pub struct Shared {
     pub(crate) metrics: KubeMetrics,
     pub(crate) services: Index,
     watches: Mutex<HashMap<ServiceKey, Arc<ServiceWatch>>>,
+    /// When the Services watch started: lookups wait for its first list only until
+    /// `started + timeout`, so an unreachable API server delays the first connections, not all.
+    started: tokio::time::Instant,
 }
 
 impl fmt::Debug for Shared {
@@ -453,6 +456,7 @@ impl KubeDiscovery {
             metrics,
             services: Index::default(),
             watches: Mutex::new(HashMap::new()),
+            started: tokio::time::Instant::now(),
         });
         let services_task = tokio::spawn(services::run(shared.clone())).abort_handle();
         KubeDiscovery {
@@ -510,14 +514,17 @@ impl KubeDiscovery {
     /// A Service VIP:port: its destination channel, starting the Service's watches.
     pub async fn lookup(&self, dst: SocketAddr) -> Option<watch::Receiver<Option<Resolved>>> {
         let shared = &self.inner.shared;
-        let deadline = tokio::time::Instant::now() + shared.settings.timeout;
-        if !shared.services.wait_synced(deadline).await {
+        if !shared
+            .services
+            .wait_synced(shared.started + shared.settings.timeout)
+            .await
+        {
             shared.metrics.lookup_timeouts.inc();
             tracing::debug!(%dst, "no Services list yet; forwarding as unknown");
             return None;
         }
         let info = shared.services.by_addr(dst)?;
-        self.subscribe(info.key.clone(), dst.port(), Family::of(dst.ip()), deadline)
+        self.subscribe(info.key.clone(), dst.port(), Family::of(dst.ip()))
             .await
     }
 
@@ -530,8 +537,11 @@ impl KubeDiscovery {
         let shared = &self.inner.shared;
         let s = &shared.settings;
         let (key, p) = resolve_authority(authority, &s.namespace, &s.cluster_domain)?;
-        let deadline = tokio::time::Instant::now() + s.timeout;
-        if !shared.services.wait_synced(deadline).await {
+        if !shared
+            .services
+            .wait_synced(shared.started + s.timeout)
+            .await
+        {
             shared.metrics.lookup_timeouts.inc();
             return None;
         }
@@ -542,7 +552,7 @@ impl KubeDiscovery {
             .cluster_ips
             .first()
             .map_or(Family::V4, |ip| Family::of(*ip));
-        self.subscribe(key, port, family, deadline).await
+        self.subscribe(key, port, family).await
     }
 
     async fn subscribe(
@@ -550,7 +560,6 @@ impl KubeDiscovery {
         key: ServiceKey,
         port: u16,
         family: Family,
-        deadline: tokio::time::Instant,
     ) -> Option<watch::Receiver<Option<Resolved>>> {
         let shared = &self.inner.shared;
         let (watch, rx) = {
@@ -567,7 +576,12 @@ impl KubeDiscovery {
             let rx = watch.subscribe((port, family), shared);
             (watch, rx)
         };
-        if !watch.wait_synced(deadline).await {
+        // Only within the watch's first `timeout`: a Service whose endpoints cannot be listed
+        // delays its first connections, not every one.
+        if !watch
+            .wait_synced(watch.created + shared.settings.timeout)
+            .await
+        {
             shared.metrics.lookup_timeouts.inc();
             tracing::debug!(service = %watch.key, "endpoints not listed yet; forwarding as unknown");
         }

@@ -115,6 +115,8 @@ async fn service_vip_is_balanced_meshed_and_retried_through_kubernetes_discovery
     cc.outbound_target = TargetMode::Fixed(VIP.parse().expect("vip"));
     cc.kubernetes = Some(ApiServer::Url(api.url()));
     cc.pod_namespace = Some("shop".into());
+    // Generous on a loaded machine: the first connection waits for the first lists.
+    cc.discovery_timeout = Duration::from_secs(10);
     let client = Running::start(cc, Some(issue(CLIENT)));
 
     // One keep-alive connection: balanced per request, not per connection.

@@ -580,5 +580,11 @@ async fn first_lookup_waits_for_the_list_and_gives_up_in_time() {
     );
     assert!(kube.lookup(addr("198.18.10.1:80")).await.is_none());
     assert_eq!(kube.metrics().lookup_timeouts.get(), 1);
+    // After the start-up window, lookups no longer wait: they answer "unknown" at once.
+    let second = tokio::time::timeout(WAIT, kube.lookup(addr("198.18.10.1:80")))
+        .await
+        .expect("bounded");
+    assert!(second.is_none());
+    assert_eq!(kube.metrics().lookup_timeouts.get(), 2);
     drop(silent);
 }
