@@ -121,8 +121,9 @@ pub struct Routed {
     /// Present for a service address: HTTP picks the endpoint per request.
     pub balanced: Option<ServiceDst>,
     /// The discovery answer this route came from; held for the connection's lifetime so the
-    /// destination's watches stay up while it is in use.
-    pub watched: Option<Watched>,
+    /// destination's watches stay up while it is in use. Boxed: it rides in every
+    /// connection's future, and is only held, never read, on the data path.
+    pub watched: Option<Box<Watched>>,
 }
 
 impl Outbound {
@@ -249,6 +250,7 @@ impl Outbound {
             None => None,
         };
         let resolved = watched.as_ref().and_then(Watched::current);
+        let watched = watched.map(Box::new);
         let routed = match resolved {
             Some(r) if !r.endpoints.is_empty() => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % r.endpoints.len();
