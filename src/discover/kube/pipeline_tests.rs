@@ -167,6 +167,7 @@ async fn service_vip_is_balanced_meshed_and_retried_through_kubernetes_discovery
         metrics.contains("tern_discovery_watches_active{resource=\"endpointslices\"} 1"),
         "{metrics}"
     );
+    promtool_accepts(&metrics);
     let server_metrics = server.metrics().await;
     assert!(
         server_metrics.contains(CLIENT),
@@ -174,4 +175,37 @@ async fn service_vip_is_balanced_meshed_and_retried_through_kubernetes_discovery
     );
     client.stop().await;
     server.stop().await;
+}
+
+/// `promtool check metrics` accepts the output (the discovery families included); without
+/// promtool: a loud skip, or a failure under `CI=true`.
+fn promtool_accepts(metrics: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but promtool is missing"
+        );
+        eprintln!("\n!!! SKIPPED promtool check: `promtool` is not installed !!!\n");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ran");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
