@@ -131,7 +131,16 @@ impl Proxy {
             None => None,
         };
         let kube = match &config.kubernetes {
-            Some(api) => Some(start_kube(&config, api, identity.as_deref(), tern)?),
+            Some(api) => match start_kube(&config, api, identity.as_deref(), tern) {
+                Ok(k) => Some(k),
+                // `auto` found KUBERNETES_SERVICE_HOST but no usable service account: run
+                // without Kubernetes discovery rather than not at all.
+                Err(e) if config.discovery == crate::cli::DiscoveryMode::Auto => {
+                    tracing::warn!(error = format!("{e:#}"), "Kubernetes discovery off");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
             None => None,
         };
         let outbound_discovery = match (&discovery, kube) {

@@ -114,6 +114,9 @@ pub struct ProxyConfig {
     pub service_account: Option<String>,
     /// Kubernetes discovery: where the API server is; `None`: off.
     pub kubernetes: Option<ApiServer>,
+    /// `--discovery`: with `auto`, a Kubernetes client that cannot be built is a warning, not a
+    /// start-up failure.
+    pub discovery: DiscoveryMode,
     pub cluster_domain: String,
     #[serde(with = "humantime_serde_compat")]
     pub discovery_idle_timeout: Duration,
@@ -234,6 +237,7 @@ impl ProxyConfig {
             pod_namespace: a.pod_namespace.clone(),
             service_account: a.service_account.clone(),
             kubernetes,
+            discovery: a.discovery,
             cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
             discovery_idle_timeout: a.discovery_idle_timeout,
             discovery_timeout: a.discovery_timeout,

@@ -588,3 +588,18 @@ async fn first_lookup_waits_for_the_list_and_gives_up_in_time() {
     assert_eq!(kube.metrics().lookup_timeouts.get(), 2);
     drop(silent);
 }
+
+#[tokio::test]
+async fn auto_mode_survives_a_missing_service_account_and_explicit_mode_does_not() {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        eprintln!("running inside a cluster: the in-cluster config may work here; not checked");
+        return;
+    }
+    let mut c = crate::config::ProxyConfig::loopback();
+    c.kubernetes = Some(ApiServer::InCluster);
+    c.discovery = crate::cli::DiscoveryMode::Auto;
+    crate::app::Proxy::bind(c.clone()).expect("auto: starts without Kubernetes discovery");
+    c.discovery = crate::cli::DiscoveryMode::Kubernetes;
+    let e = crate::app::Proxy::bind(c).expect_err("kubernetes: required");
+    assert!(format!("{e:#}").contains("--discovery"), "{e:#}");
+}
