@@ -274,7 +274,8 @@ pub async fn run(watch: Arc<ServiceWatch>, shared: Arc<Shared>) {
     let slices_cfg =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", key.name));
     let mut slices = shared.watch_stream(slices_api, slices_cfg, WatchResource::endpointslices);
-    let mut selector = shared.services.get(&key).and_then(|i| i.selector.clone());
+    let mut info = shared.services.get(&key);
+    let mut selector = info.as_ref().and_then(|i| i.selector.clone());
     let mut pods = pod_stream(&shared, &key, selector.as_deref());
     watch.reset_pods(selector.is_none());
     let mut generation = shared.services.subscribe();
@@ -289,13 +290,19 @@ pub async fn run(watch: Arc<ServiceWatch>, shared: Arc<Shared>) {
             Some(event) = slices.next() => watch.on_slice(event),
             Some(event) = pods.next() => watch.on_pod(event, trust_domain.as_deref()),
             Ok(()) = generation.changed() => {
-                let now = shared.services.get(&key).and_then(|i| i.selector.clone());
-                if now != selector {
-                    selector = now;
-                    pods = pod_stream(&shared, &key, selector.as_deref());
-                    watch.reset_pods(selector.is_none());
+                // Some Service changed; this one only matters if it is this Service.
+                let now = shared.services.get(&key);
+                let changed = now != info;
+                if changed {
+                    let now_selector = now.as_ref().and_then(|i| i.selector.clone());
+                    if now_selector != selector {
+                        selector = now_selector;
+                        pods = pod_stream(&shared, &key, selector.as_deref());
+                        watch.reset_pods(selector.is_none());
+                    }
+                    info = now;
                 }
-                true
+                changed
             }
             _ = tick.tick() => {
                 if shared.retire(&watch) {

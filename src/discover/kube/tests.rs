@@ -603,3 +603,42 @@ async fn auto_mode_survives_a_missing_service_account_and_explicit_mode_does_not
     let e = crate::app::Proxy::bind(c).expect_err("kubernetes: required");
     assert!(format!("{e:#}").contains("--discovery"), "{e:#}");
 }
+
+#[tokio::test]
+async fn selector_changes_rewatch_pods_and_selectorless_services_stay_plain() {
+    let api = FakeApi::start().await;
+    let mut svc = service(
+        "shop",
+        "manual",
+        &["198.18.10.3"],
+        &[("http", 80, json!(8080))],
+        &[],
+    );
+    svc["spec"]["selector"] = json!(null);
+    api.apply(svc.clone());
+    api.apply(pod("shop", "m-1", "m2", "msa", Some(4143)));
+    api.apply(slice(
+        "shop",
+        "manual-1",
+        "manual",
+        "IPv4",
+        &[("http", 8080)],
+        &[ready("198.18.4.1", "m-1")],
+    ));
+    let kube = start(&api, settings());
+    let mut rx = kube.lookup(addr("198.18.10.3:80")).await.expect("manual");
+    let r = until(&mut rx, |r| !r.endpoints.is_empty()).await;
+    assert_eq!(
+        r.endpoints[0].identity, None,
+        "no selector: no pod watch, plain"
+    );
+    assert_eq!(api.count("pods"), 0, "{:?}", api.requests());
+    // The Service gets a selector that picks the injected pod: its endpoint becomes meshed.
+    svc["spec"]["selector"] = json!({"app": "m2"});
+    api.apply(svc);
+    let r = until(&mut rx, |r| r.endpoints[0].identity.is_some()).await;
+    assert_eq!(
+        r.endpoints[0].identity.as_ref().map(|i| i.to_string()),
+        Some("spiffe://cluster.local/ns/shop/sa/msa".into())
+    );
+}
