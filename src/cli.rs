@@ -201,7 +201,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_POD_NAME")]
     pub pod_name: Option<String>,
 
-    /// This pod's namespace (downward API); the identity is checked against it at start-up.
+    /// This pod's namespace (downward API); the identity is checked against it at start-up, and
+    /// Kubernetes discovery resolves a bare Service name (`web`) in it (default: the service
+    /// account's namespace).
     #[arg(long, env = "TERN_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 
