@@ -3,9 +3,11 @@
 //!
 //! ```text
 //! start ─▶ Services watch (cluster-wide, [`services`]) ─▶ VIP and name index
-//! lookup(VIP:port | authority) ─▶ wait for the first Services list (≤ --discovery-timeout)
+//! lookup(VIP:port | authority) ─▶ wait for the first Services list (only during the first
+//!      --discovery-timeout after start-up)
 //!   ─▶ the Service's watches ([`endpoints`]): EndpointSlices + Pods (identities), started on
-//!      first use ─▶ wait for their first list (same deadline) ─▶ watch::Receiver<Resolved>
+//!      first use ─▶ wait for their first list (only during the watch's first
+//!      --discovery-timeout) ─▶ watch::Receiver<Option<Resolved>>
 //!   idle (no receiver held, no lookup for --discovery-idle-timeout) ─▶ watches stop
 //! ```
 //!
