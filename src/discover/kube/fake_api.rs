@@ -240,18 +240,32 @@ impl FakeApi {
                 .unwrap_or(0);
             return self.watch(filter, from);
         }
+        // Paginated like the real server: `limit`, and `continue` (here: an offset).
         let s = self.lock();
-        let items: Vec<Value> = s
-            .objects
-            .values()
-            .filter(|o| filter.matches(o))
-            .cloned()
+        let offset: usize = params
+            .get("continue")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        let matching: Vec<&Value> = s.objects.values().filter(|o| filter.matches(o)).collect();
+        let page: Vec<Value> = matching
+            .iter()
+            .skip(offset)
+            .take(limit)
+            .map(|v| (*v).clone())
             .collect();
+        let mut metadata = json!({"resourceVersion": s.rv.to_string()});
+        if offset.saturating_add(limit) < matching.len() {
+            metadata["continue"] = json!((offset + limit).to_string());
+        }
         let body = json!({
             "apiVersion": kind.api_version(),
             "kind": kind.list_kind(),
-            "metadata": {"resourceVersion": s.rv.to_string()},
-            "items": items,
+            "metadata": metadata,
+            "items": page,
         });
         json_response(&body)
     }

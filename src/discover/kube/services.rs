@@ -53,8 +53,9 @@ pub struct ServiceInfo {
     /// `spec.selector` as `k=v,…` (sorted); `None` for a Service without a selector.
     pub selector: Option<String>,
     pub policy: Arc<ServicePolicy>,
-    /// The `tern.io/*` annotations the policy was parsed from (re-parsed only when they change).
-    annotations: BTreeMap<String, String>,
+    /// A hash of the `tern.io/*` annotations the policy was parsed from (re-parsed only when
+    /// they change; a hash, not a copy: thousands of Services live in every sidecar).
+    annotations: u64,
 }
 
 /// One TCP port of a Service.
@@ -96,7 +97,7 @@ pub struct Index {
 #[derive(Debug, Default)]
 struct Maps {
     by_key: HashMap<ServiceKey, Arc<ServiceInfo>>,
-    by_ip: HashMap<IpAddr, ServiceKey>,
+    by_ip: HashMap<IpAddr, Arc<ServiceInfo>>,
 }
 
 impl Index {
@@ -107,7 +108,7 @@ impl Index {
     /// The Service whose ClusterIP and port `dst` is.
     pub fn by_addr(&self, dst: SocketAddr) -> Option<Arc<ServiceInfo>> {
         let maps = self.read();
-        let info = maps.by_ip.get(&dst.ip()).and_then(|k| maps.by_key.get(k))?;
+        let info = maps.by_ip.get(&dst.ip())?;
         info.port(dst.port()).map(|_| info.clone())
     }
 
@@ -149,10 +150,11 @@ impl Index {
             return;
         }
         Self::remove_locked(&mut maps, &info.key);
+        let info = Arc::new(info);
         for ip in &info.cluster_ips {
-            maps.by_ip.insert(*ip, info.key.clone());
+            maps.by_ip.insert(*ip, info.clone());
         }
-        maps.by_key.insert(info.key.clone(), Arc::new(info));
+        maps.by_key.insert(info.key.clone(), info);
         drop(maps);
         self.bump(metrics);
     }
@@ -165,15 +167,14 @@ impl Index {
     }
 
     /// Replaces the whole index with a fresh list (after a (re)list).
-    fn replace(&self, items: &[Service], metrics: &KubeMetrics) {
+    fn replace(&self, items: Vec<ServiceInfo>, metrics: &KubeMetrics) {
         let mut maps = Maps::default();
-        for svc in items {
-            if let Some(info) = self.info(svc, metrics) {
-                for ip in &info.cluster_ips {
-                    maps.by_ip.insert(*ip, info.key.clone());
-                }
-                maps.by_key.insert(info.key.clone(), Arc::new(info));
+        for info in items {
+            let info = Arc::new(info);
+            for ip in &info.cluster_ips {
+                maps.by_ip.insert(*ip, info.clone());
             }
+            maps.by_key.insert(info.key.clone(), info);
         }
         *self.write() = maps;
         self.bump(metrics);
@@ -183,7 +184,7 @@ impl Index {
     fn remove_locked(maps: &mut Maps, key: &ServiceKey) {
         if let Some(old) = maps.by_key.remove(key) {
             for ip in &old.cluster_ips {
-                if maps.by_ip.get(ip) == Some(key) {
+                if maps.by_ip.get(ip).is_some_and(|i| i.key == *key) {
                     maps.by_ip.remove(ip);
                 }
             }
@@ -207,8 +208,10 @@ impl Index {
             .filter(|(k, _)| ANNOTATIONS.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let hash = std::hash::BuildHasher::hash_one(&FixedState, &annotations);
         let policy = match &previous {
-            Some(p) if p.annotations == annotations => p.policy.clone(),
+            Some(p) if p.annotations == hash => p.policy.clone(),
+            _ if annotations.is_empty() => default_policy(),
             _ => match policy(&key, &annotations) {
                 Ok(p) => Arc::new(p),
                 Err(errors) => {
@@ -223,7 +226,7 @@ impl Index {
                     }
                     previous
                         .as_ref()
-                        .map_or_else(Arc::default, |p| p.policy.clone())
+                        .map_or_else(default_policy, |p| p.policy.clone())
                 }
             },
         };
@@ -264,8 +267,25 @@ impl Index {
             ports,
             selector,
             policy,
-            annotations,
+            annotations: hash,
         })
+    }
+}
+
+/// One shared default policy for the (many) Services without annotations.
+fn default_policy() -> Arc<ServicePolicy> {
+    static DEFAULT: std::sync::OnceLock<Arc<ServicePolicy>> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Arc::default).clone()
+}
+
+/// A hasher with fixed keys: annotation hashes are compared across calls.
+struct FixedState;
+
+impl std::hash::BuildHasher for FixedState {
+    type Hasher = std::collections::hash_map::DefaultHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        std::collections::hash_map::DefaultHasher::new()
     }
 }
 
@@ -347,14 +367,20 @@ pub fn policy(
 pub async fn run(shared: Arc<Shared>) {
     let api: kube::Api<Service> = kube::Api::all(shared.client.clone());
     let mut events = shared.watch_stream(api, watcher::Config::default(), WatchResource::services);
-    let mut listing: Option<Vec<Service>> = None;
+    // A (re)list is buffered as converted ServiceInfos (not whole Service objects: a sidecar's
+    // memory is the product) and swapped in when complete.
+    let mut listing: Option<Vec<ServiceInfo>> = None;
     while let Some(event) = events.next().await {
         match event {
             Event::Init => listing = Some(Vec::new()),
-            Event::InitApply(svc) => listing.get_or_insert_with(Vec::new).push(svc),
+            Event::InitApply(svc) => {
+                if let Some(info) = shared.services.info(&svc, &shared.metrics) {
+                    listing.get_or_insert_with(Vec::new).push(info);
+                }
+            }
             Event::InitDone => {
                 let items = listing.take().unwrap_or_default();
-                shared.services.replace(&items, &shared.metrics);
+                shared.services.replace(items, &shared.metrics);
             }
             Event::Apply(svc) => shared.services.apply(&svc, &shared.metrics),
             Event::Delete(svc) => shared.services.delete(&svc, &shared.metrics),

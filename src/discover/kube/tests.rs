@@ -642,3 +642,58 @@ async fn selector_changes_rewatch_pods_and_selectorless_services_stay_plain() {
         Some("spiffe://cluster.local/ns/shop/sa/msa".into())
     );
 }
+
+/// A figure, not a check: memory and time for a proxy to learn 10,000 Services (the cost of the
+/// cluster-wide Services watch). `cargo test --lib services_index_cost -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement; run by hand"]
+async fn services_index_cost() {
+    let api = FakeApi::start().await;
+    for i in 0..10_000u32 {
+        let ip = format!("198.18.{}.{}", 100 + i / 250, i % 250 + 1);
+        api.apply(service(
+            "shop",
+            &format!("svc-{i}"),
+            &[&ip],
+            &[("http", 80, json!("http")), ("grpc", 9090, json!(9090))],
+            &[("tern.io/timeout", "2s")],
+        ));
+    }
+    let rss = || {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 4096
+    };
+    crate::alloc::trim();
+    let before = rss();
+    let started = std::time::Instant::now();
+    let kube = start(&api, settings());
+    let mut synced = false;
+    for _ in 0..20_000 {
+        if kube.shared().services.len() == 10_000 {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(synced);
+    let took = started.elapsed();
+    crate::alloc::trim();
+    let after = rss();
+    let index = kube.shared().clone();
+    drop(kube);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    crate::alloc::trim();
+    let without_client = rss();
+    drop(index);
+    crate::alloc::trim();
+    let released = without_client.saturating_sub(rss());
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "10000 Services: listed and indexed in {took:?}; RSS +{:.1} MiB (fake API server included); the index itself: {:.1} MiB",
+        mib(after.saturating_sub(before)),
+        mib(released)
+    );
+}
