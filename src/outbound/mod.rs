@@ -269,7 +269,15 @@ impl Outbound {
                     watched,
                 }
             }
-            _ => Routed {
+            // A Service discovery knows, with no endpoints right now: as it came (kube-proxy
+            // refuses it too), never probed (a VIP has no mesh port).
+            Some(r) => Routed {
+                target: Target::Plain(dst),
+                service: r.service,
+                balanced: None,
+                watched,
+            },
+            None => Routed {
                 target: self.to_unknown(dst).await?,
                 service: None,
                 balanced: None,
