@@ -37,6 +37,8 @@ pub struct Proxy {
     registry: Arc<Registry>,
     identity: Option<Arc<IdentityStore>>,
     discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
+    /// The routes store and what the routes file held at start-up (`--routes-file`).
+    routes: Option<(crate::routes::RouteStore, crate::routes::file::Seen)>,
     inbound: Arc<Inbound>,
     outbound: Arc<Outbound>,
     inbound_listener: TcpListener,
@@ -130,6 +132,15 @@ impl Proxy {
             }
             None => None,
         };
+        let routes = match &config.routes_file {
+            Some(path) => {
+                let store =
+                    crate::routes::RouteStore::new(crate::routes::RouteMetrics::register(tern));
+                let seen = crate::routes::file::start(path, &store)?;
+                Some((store, seen))
+            }
+            None => None,
+        };
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
 
@@ -164,27 +175,31 @@ impl Proxy {
             own_ports: own_ports.clone(),
         });
         own_ports.push(mesh_port);
-        let outbound = Arc::new(Outbound::new(
-            config.clone(),
-            tcp,
-            crate::outbound::OutboundMetrics {
-                detect: detect_metrics,
-                http: http_metrics,
-                balance: crate::layers::balance::BalanceMetrics::register(tern),
-                breaker: crate::layers::breaker::BreakerMetrics::register(tern),
-                retry: crate::layers::retry::RetryMetrics::register(tern),
-            },
-            discovery.as_ref().map(|(d, _, _)| d.clone()),
-            identity
-                .clone()
-                .map(|store| MeshClient::new(store, mesh_metrics)),
-            own_ports,
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                config.clone(),
+                tcp,
+                crate::outbound::OutboundMetrics {
+                    detect: detect_metrics,
+                    http: http_metrics,
+                    balance: crate::layers::balance::BalanceMetrics::register(tern),
+                    breaker: crate::layers::breaker::BreakerMetrics::register(tern),
+                    retry: crate::layers::retry::RetryMetrics::register(tern),
+                },
+                discovery.as_ref().map(|(d, _, _)| d.clone()),
+                identity
+                    .clone()
+                    .map(|store| MeshClient::new(store, mesh_metrics)),
+                own_ports,
+            )
+            .with_routes(routes.as_ref().map(|(s, _)| s.clone()).unwrap_or_default()),
+        );
         Ok(Proxy {
             config,
             registry: Arc::new(registry),
             identity,
             discovery,
+            routes,
             inbound,
             outbound,
             inbound_listener,
@@ -237,6 +252,14 @@ impl Proxy {
                 d,
                 config.discovery_reload_interval,
                 metrics,
+                seen,
+            )));
+        }
+        if let (Some((store, seen)), Some(path)) = (self.routes, &config.routes_file) {
+            background.push(tokio::spawn(crate::routes::file::watch(
+                path.clone(),
+                store,
+                config.discovery_reload_interval,
                 seen,
             )));
         }

@@ -86,6 +86,7 @@ pub struct ProxyConfig {
     pub discovery_file: Option<PathBuf>,
     #[serde(with = "humantime_serde_compat")]
     pub discovery_reload_interval: Duration,
+    pub routes_file: Option<PathBuf>,
     pub cluster_networks: Vec<IpNet>,
     pub service_networks: Vec<IpNet>,
     #[serde(with = "humantime_serde_compat")]
@@ -202,6 +203,7 @@ impl ProxyConfig {
             identity_reload_interval: a.identity_reload_interval,
             discovery_file: a.discovery_file.clone(),
             discovery_reload_interval: a.discovery_reload_interval,
+            routes_file: a.routes_file.clone(),
             cluster_networks: a.cluster_networks.clone(),
             service_networks: a.service_networks.clone(),
             probe_timeout: a.probe_timeout,

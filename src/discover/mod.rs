@@ -126,6 +126,18 @@ impl Snapshot {
         self.by_addr.len()
     }
 
+    /// The service address of `service` (`name.namespace`) on `port`, with its resolution: how
+    /// a route's backendRef finds its Service. Several addresses on that port: the lowest.
+    pub fn find_service(&self, service: &str, port: u16) -> Option<(SocketAddr, Resolved)> {
+        self.by_addr
+            .iter()
+            .filter(|(addr, r)| {
+                addr.port() == port && r.policy.is_some() && r.service.as_deref() == Some(service)
+            })
+            .min_by_key(|(addr, _)| **addr)
+            .map(|(addr, r)| (*addr, r.clone()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_addr.is_empty()
     }
@@ -147,6 +159,11 @@ impl Discovery {
     /// Resolves an original destination. `None`: unknown to discovery.
     pub fn resolve(&self, dst: SocketAddr) -> Option<Resolved> {
         self.snapshot().resolve(dst)
+    }
+
+    /// See [`Snapshot::find_service`].
+    pub fn find_service(&self, service: &str, port: u16) -> Option<(SocketAddr, Resolved)> {
+        self.snapshot().find_service(service, port)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

@@ -13,6 +13,12 @@
 //!   headers), up to N extra attempts. The decision is made on the response head: a
 //!   response that is passed on is never retried, so nothing retries once it streams.
 //!
+//! A route rule's retry policy (`crate::routes`) also retries an attempt that hit the rule's
+//! `backendRequest` timeout ([`AttemptTimeout`]) as if it were a 504, and waits between
+//! attempts: the rule's `backoff` doubled per attempt (capped at [`MAX_BACKOFF`] unless the
+//! backoff itself is longer), stretched by a random 0–50% so retries do not synchronize.
+//! The wait never falls below the configured backoff (the Gateway API's minimum).
+//!
 //! Bodies are replayed only when they can be buffered under [`REPLAY_CAP`] (64 KiB): the
 //! request's size hint must promise at most that much (an empty body, or a `content-length`
 //! within the cap). Others (gRPC streams, large uploads) get one attempt.
@@ -30,7 +36,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -43,6 +49,7 @@ use prometheus_client::registry::Registry;
 use tower::{Layer, Service, ServiceExt};
 
 use super::balance::Tried;
+use super::timeout::AttemptTimeout;
 use crate::discover::{RetryOn, RetryPolicy};
 use crate::error::{CloseReason, ConnError};
 use crate::http::{BoxBody, BoxError};
@@ -58,6 +65,26 @@ pub const BUDGET_FLOOR_PER_SEC: f64 = 10.0;
 const BUDGET_MAX_TOKENS: f64 = 100.0;
 /// Extra attempts for requests that never reached a server, without a retry policy.
 const NEVER_REACHED_ATTEMPTS: u32 = 2;
+/// Longest wait between attempts (unless the configured backoff is longer).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The wait before extra attempt number `attempt` (0 for the first retry), given the
+/// configured `base` and a uniform `u` in [0, 1): `min(base·2^attempt, max(base, 1 s))`,
+/// stretched by `u·50%`.
+pub fn backoff_delay(base: Duration, attempt: u32, u: f64) -> Duration {
+    let grown = base.saturating_mul(1u32 << attempt.min(16));
+    let capped = grown.min(MAX_BACKOFF.max(base));
+    capped.mul_f64(1.0 + 0.5 * u.clamp(0.0, 1.0))
+}
+
+/// A number in [0, 1), different on each call (std's per-instance random hasher keys).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let h = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// A token bucket bounding retries to a share of requests plus a floor per second. Tokens
 /// are counted in thousandths, so 0.2 per request adds up exactly.
@@ -235,6 +262,8 @@ pub struct RetryLayer {
     policy: Option<Arc<RetryPolicy>>,
     budget: Arc<Budget>,
     metrics: RetryMetrics,
+    /// A route rule's backoff; `None`: retries go out at once (discovery-file policies).
+    backoff: Option<Duration>,
 }
 
 impl RetryLayer {
@@ -249,7 +278,14 @@ impl RetryLayer {
             policy: policy.map(Arc::new),
             budget,
             metrics,
+            backoff: None,
         }
+    }
+
+    /// Waits between attempts (a route rule's `retry.backoff`).
+    pub fn with_backoff(mut self, backoff: Option<Duration>) -> Self {
+        self.backoff = backoff.filter(|b| !b.is_zero());
+        self
     }
 }
 
@@ -334,6 +370,12 @@ impl RetryLayer {
                     .as_ref()
                     .filter(|p| matches(p, resp))
                     .map(|p| p.attempts),
+                // A route's per-attempt timeout: retried as a 504 would be.
+                Err(e) if e.downcast_ref::<AttemptTimeout>().is_some() => self
+                    .policy
+                    .as_ref()
+                    .filter(|p| matches_status(p, 504, None))
+                    .map(|p| p.attempts),
                 Err(_) => None,
             };
             let retry = limit.is_some_and(|l| attempt < l);
@@ -350,6 +392,9 @@ impl RetryLayer {
             }
             tracing::debug!(dst_service = &*self.service, attempt, "retrying");
             self.metrics.inc(&self.service, RetryResult::retried);
+            if let Some(base) = self.backoff {
+                tokio::time::sleep(backoff_delay(base, attempt, jitter())).await;
+            }
             attempt += 1;
         }
     }
@@ -379,6 +424,10 @@ fn matches<B>(policy: &RetryPolicy, resp: &Response<B>) -> bool {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok());
+    matches_status(policy, status, grpc)
+}
+
+fn matches_status(policy: &RetryPolicy, status: u16, grpc: Option<u32>) -> bool {
     policy.on.iter().any(|on| match on {
         RetryOn::Server5xx => (500..600).contains(&status),
         RetryOn::Status(s) => *s == status,
@@ -553,6 +602,79 @@ mod tests {
             b.withdraw(now + Duration::from_millis(150)),
             "the floor refills at 10/s"
         );
+    }
+
+    #[test]
+    fn backoff_doubles_within_bounds_with_jitter_and_never_below_the_base() {
+        let base = Duration::from_millis(25);
+        for attempt in 0..8 {
+            let floor = (base * (1 << attempt)).min(MAX_BACKOFF);
+            for u in [0.0, 0.25, 0.5, 0.999_999] {
+                let d = backoff_delay(base, attempt, u);
+                assert!(d >= floor, "attempt {attempt} u {u}: {d:?} < {floor:?}");
+                assert!(d < floor.mul_f64(1.5), "attempt {attempt} u {u}: {d:?}");
+                assert!(d >= base, "never below the configured backoff");
+            }
+        }
+        assert_eq!(backoff_delay(base, 0, 0.0), base);
+        assert_eq!(backoff_delay(base, 2, 0.0), base * 4);
+        assert_eq!(backoff_delay(base, 30, 0.0), MAX_BACKOFF, "capped");
+        let long = Duration::from_secs(3);
+        assert_eq!(
+            backoff_delay(long, 5, 0.0),
+            long,
+            "a longer base is its own cap"
+        );
+        for _ in 0..100 {
+            let u = jitter();
+            assert!((0.0..1.0).contains(&u), "{u}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempt_timeouts_are_retried_as_504_with_backoff() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let policy = RetryPolicy {
+            on: vec![RetryOn::Status(504)],
+            attempts: 2,
+        };
+        let (l, m) = layer(Some(policy));
+        let l = l.with_backoff(Some(Duration::from_millis(100)));
+        let svc = l.layer(tower::service_fn(move |_req: Request<BoxBody>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    return Err::<Response<BoxBody>, BoxError>(
+                        AttemptTimeout(Duration::from_millis(50)).into(),
+                    );
+                }
+                Ok(Response::new(crate::http::empty()))
+            }
+        }));
+        let started = tokio::time::Instant::now();
+        let resp = svc.oneshot(req()).await.expect("third attempt answers");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(count(&m, RetryResult::retried), 2);
+        // Waited 100 ms then 200 ms at least (paused clock: exact sums of the sleeps).
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(started.elapsed() < Duration::from_millis(450));
+        // Without 504 (or 5xx) in the policy an attempt timeout is final.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let (l, _) = layer(Some(RetryPolicy {
+            on: vec![RetryOn::Status(503)],
+            attempts: 2,
+        }));
+        let svc = l.layer(tower::service_fn(move |_req: Request<BoxBody>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                Err::<Response<BoxBody>, BoxError>(AttemptTimeout(Duration::from_millis(50)).into())
+            }
+        }));
+        svc.oneshot(req()).await.expect_err("timed out");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

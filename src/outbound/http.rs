@@ -12,6 +12,10 @@
 //! A discovery service address picks the endpoint per request instead, through
 //! [`service_stack`]: timeout → retry → balance → breaker → [`EndpointClient`] (mesh when the
 //! endpoint has an identity, plain otherwise). Other destinations keep the connection's target.
+//! When Gateway API routes are attached to the service (`crate::routes`), `RouteMatchLayer`
+//! (outermost) picks the rule per request and the rule's [`route_stack`] runs instead:
+//! timeout → retry (with backoff) → per-attempt timeout → split (weighted backend Services)
+//! → per backend: balance → breaker → endpoint client. No matching rule: 404 `no_route`.
 //!
 //! Errors never reach hyper: [`crate::http::rescue`] turns them into 502/503/504/403 (gRPC:
 //! trailers-only) with `tern-proxy-error`. `tern-*` headers from the app are stripped.
@@ -42,8 +46,11 @@ use crate::layers::balance::{BalanceLayer, Picked};
 use crate::layers::breaker::BreakerLayer;
 use crate::layers::http_metrics::{HttpMetricsLayer, RequestLabels};
 use crate::layers::retry::RetryLayer;
+use crate::layers::route_match::{RouteMatchLayer, RouteParent};
+use crate::layers::split::{Split, WeightedBackend};
 use crate::layers::timeout::TimeoutLayer;
 use crate::metrics::{Direction, TcpLabels, Tls};
+use crate::routes::{Matched, NoRoute, Rule, Unmatched};
 use crate::transport::copy::Transferred;
 use crate::transport::counted::CountedIo;
 use crate::transport::prefixed::PrefixedIo;
@@ -82,18 +89,25 @@ pub async fn serve(
         client_id: String::new(),
         server_id,
         dst_service: routed.service.clone().unwrap_or_default(),
+        route: String::new(),
     };
     let stack = routed
         .balanced
         .as_ref()
         .map(|dst| service_stack(&outbound, dst, version));
+    let parent = routed.balanced.as_ref().map(|dst| RouteParent {
+        service: dst.name.clone(),
+        port: dst.addr.0.port(),
+    });
     let svc = ServiceBuilder::new()
+        .layer(RouteMatchLayer::new(outbound.routes.clone(), parent))
         .layer(HttpMetricsLayer::new(outbound.metrics.http.clone(), labels))
         .service(ProxyHttp {
             outbound: outbound.clone(),
             target: Arc::new(routed.target),
             version,
             stack,
+            dst: routed.balanced.map(Arc::new),
         });
     let conn = outbound.tcp.conn(conn_labels);
     let io = CountedIo::new(io, forward::counters(&conn));
@@ -136,6 +150,93 @@ pub fn service_stack(
     BoxCloneSyncService::new(stack)
 }
 
+/// The stack of a route rule matched by a request to `dst` (its parent Service), built once
+/// per rule and client protocol and cached in the rule (a reload makes new rules). The
+/// rule's timeouts and retry override the service's; unset, the service's apply. The retry
+/// budget is the parent's; each backend Service has its own balancer and breakers (shared
+/// with direct traffic to it). A rule without backendRefs sends to the parent itself.
+pub fn route_stack(
+    outbound: &Arc<Outbound>,
+    dst: &ServiceDst,
+    rule: &Rule,
+    version: HttpVersion,
+) -> ServiceStack {
+    let slot = &rule.stacks[usize::from(version != HttpVersion::H1)];
+    slot.get_or_init(|| {
+        let state = outbound.service_state(dst);
+        let timeout = match rule.timeouts.request {
+            Some(t) => Some(t).filter(|t| !t.is_zero()),
+            None => dst.policy.timeout.or(outbound.config.request_timeout),
+        };
+        let retry = rule.retry.as_ref();
+        let policy = retry.map_or_else(|| dst.policy.retry.clone(), |r| Some(r.policy.clone()));
+        let retry = RetryLayer::new(
+            state.balancer.service().clone(),
+            policy,
+            state.budget.clone(),
+            outbound.metrics.retry.clone(),
+        )
+        .with_backoff(retry.map(|r| r.backoff));
+        let backends = if rule.backends.is_empty() {
+            let stack = backend_stack(outbound, dst, version);
+            vec![WeightedBackend {
+                name: dst.name.clone(),
+                weight: 1,
+                service: Some(stack),
+            }]
+        } else {
+            rule.backends
+                .iter()
+                .map(|b| {
+                    let found = outbound
+                        .discovery
+                        .as_ref()
+                        .and_then(|d| d.find_service(&b.service, b.port));
+                    if found.is_none() {
+                        tracing::warn!(route = &*rule.label, backend = %b.service, port = b.port,
+                            "route backend unknown to discovery; its share of requests fails");
+                    }
+                    let service = found.and_then(|(addr, r)| {
+                        let backend = ServiceDst {
+                            addr: OrigDstAddr(addr),
+                            name: b.service.clone(),
+                            policy: r.policy?,
+                        };
+                        Some(backend_stack(outbound, &backend, version))
+                    });
+                    WeightedBackend {
+                        name: b.service.clone(),
+                        weight: b.weight,
+                        service,
+                    }
+                })
+                .collect()
+        };
+        let attempt_timeout = rule.timeouts.backend_request.filter(|t| !t.is_zero());
+        let stack = ServiceBuilder::new()
+            .layer(TimeoutLayer::new(timeout))
+            .layer(retry)
+            .layer(TimeoutLayer::per_attempt(attempt_timeout))
+            .service(Split::new(backends));
+        BoxCloneSyncService::new(stack)
+    })
+    .clone()
+}
+
+/// One backend Service of a route: balance → breaker → endpoint client.
+fn backend_stack(outbound: &Arc<Outbound>, dst: &ServiceDst, version: HttpVersion) -> ServiceStack {
+    let state = outbound.service_state(dst);
+    let service = state.balancer.service().clone();
+    let stack = ServiceBuilder::new()
+        .layer(BalanceLayer::new(state.balancer.clone()))
+        .layer(BreakerLayer::new(service, outbound.metrics.breaker.clone()))
+        .service(EndpointClient {
+            outbound: outbound.clone(),
+            version,
+        });
+    BoxCloneSyncService::new(stack)
+}
+
 /// The innermost service: forwards one request to its target.
 #[derive(Debug, Clone)]
 struct ProxyHttp {
@@ -144,6 +245,8 @@ struct ProxyHttp {
     version: HttpVersion,
     /// Present for a discovery service: the endpoint is picked per request.
     stack: Option<ServiceStack>,
+    /// The discovery service, the parent of any routes the requests match.
+    dst: Option<Arc<ServiceDst>>,
 }
 
 impl tower::Service<Request<Incoming>> for ProxyHttp {
@@ -174,6 +277,15 @@ impl ProxyHttp {
         let mut req = req.map(h::boxed);
         h::strip_tern_headers(req.headers_mut());
         h::strip_hop_by_hop(req.headers_mut());
+        if let Some(dst) = &self.dst {
+            if req.extensions().get::<Unmatched>().is_some() {
+                return Err(NoRoute(dst.name.clone()).into());
+            }
+            if let Some(Matched(rule)) = req.extensions_mut().remove::<Matched>() {
+                let stack = route_stack(&self.outbound, dst, &rule, self.version);
+                return through(&stack, req).await;
+            }
+        }
         match &self.stack {
             Some(stack) => through(stack, req).await,
             None => send(&self.outbound, &self.target, self.version, req).await,
