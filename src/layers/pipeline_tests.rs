@@ -21,10 +21,10 @@ use crate::demo::metric_value;
 
 /// The service address in the discovery file: the client's explicit outbound target. The proxy
 /// never dials it (discovery maps it to the endpoints).
-const SERVICE_ADDR: &str = "127.0.0.1:9";
+pub(crate) const SERVICE_ADDR: &str = "127.0.0.1:9";
 
 #[derive(Debug, Clone, Copy)]
-enum Behavior {
+pub(crate) enum Behavior {
     /// 200 with the app's name.
     Ok,
     /// Always this status.
@@ -35,8 +35,8 @@ enum Behavior {
 
 /// A hyper app server counting the requests that reach it; killed (listener and every
 /// connection closed) on `kill` or drop.
-struct App {
-    addr: SocketAddr,
+pub(crate) struct App {
+    pub(crate) addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     /// After `kill`: a socket bound to the app's port but not listening, so connections are
@@ -45,7 +45,7 @@ struct App {
 }
 
 impl App {
-    async fn start(name: &'static str, behavior: Behavior) -> App {
+    pub(crate) async fn start(name: &'static str, behavior: Behavior) -> App {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = l.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -85,7 +85,7 @@ impl App {
         }
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
 
@@ -152,10 +152,10 @@ impl Running {
 }
 
 /// One HTTP/1.1 connection to the proxy, requests sent one after another.
-struct Client(SendRequest<Empty<Bytes>>);
+pub(crate) struct Client(SendRequest<Empty<Bytes>>);
 
 impl Client {
-    async fn connect(entry: SocketAddr) -> Client {
+    pub(crate) async fn connect(entry: SocketAddr) -> Client {
         let s = TcpStream::connect(entry).await.expect("connect");
         let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
             .await
@@ -164,7 +164,7 @@ impl Client {
         Client(tx)
     }
 
-    async fn get(&mut self, path: &str) -> (StatusCode, http::HeaderMap, String) {
+    pub(crate) async fn get(&mut self, path: &str) -> (StatusCode, http::HeaderMap, String) {
         self.0.ready().await.expect("connection open");
         let req = Request::get(path)
             .header("host", "web.shop")
