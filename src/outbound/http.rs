@@ -108,6 +108,7 @@ pub async fn serve(
             version,
             stack,
             dst: routed.balanced.map(Arc::new),
+            rule_stacks: RuleStacks::default(),
         });
     let conn = outbound.tcp.conn(conn_labels);
     let io = CountedIo::new(io, forward::counters(&conn));
@@ -150,8 +151,7 @@ pub fn service_stack(
     BoxCloneSyncService::new(stack)
 }
 
-/// The stack of a route rule matched by a request to `dst` (its parent Service), built once
-/// per rule and client protocol and cached in the rule (a reload makes new rules). The
+/// The stack of a route rule matched by a request to `dst` (its parent Service). The
 /// rule's timeouts and retry override the service's; unset, the service's apply. The retry
 /// budget is the parent's; each backend Service has its own balancer and breakers (shared
 /// with direct traffic to it). A rule without backendRefs sends to the parent itself.
@@ -161,8 +161,7 @@ pub fn route_stack(
     rule: &Rule,
     version: HttpVersion,
 ) -> ServiceStack {
-    let slot = &rule.stacks[usize::from(version != HttpVersion::H1)];
-    slot.get_or_init(|| {
+    {
         let state = outbound.service_state(dst);
         let timeout = match rule.timeouts.request {
             Some(t) => Some(t).filter(|t| !t.is_zero()),
@@ -219,8 +218,41 @@ pub fn route_stack(
             .layer(TimeoutLayer::per_attempt(attempt_timeout))
             .service(Split::new(backends));
         BoxCloneSyncService::new(stack)
-    })
-    .clone()
+    }
+}
+
+/// Most rule stacks one connection keeps; past it the cache starts over (reloads make new
+/// rules, so a long-lived connection would otherwise hold every old one).
+const RULE_STACKS_MAX: usize = 16;
+
+/// The stacks of the route rules a connection's requests matched, built on first use. Kept
+/// per connection rather than in the shared rule, because the stacks hold the `Outbound`
+/// that holds the routes: a cycle that would never be freed.
+#[derive(Debug, Clone, Default)]
+struct RuleStacks(Arc<std::sync::Mutex<Vec<RuleStack>>>);
+
+/// A rule and the stack built for it.
+type RuleStack = (Arc<Rule>, ServiceStack);
+
+impl RuleStacks {
+    fn get(
+        &self,
+        outbound: &Arc<Outbound>,
+        dst: &ServiceDst,
+        rule: &Arc<Rule>,
+        version: HttpVersion,
+    ) -> ServiceStack {
+        let mut stacks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, s)) = stacks.iter().find(|(r, _)| Arc::ptr_eq(r, rule)) {
+            return s.clone();
+        }
+        if stacks.len() >= RULE_STACKS_MAX {
+            stacks.clear();
+        }
+        let stack = route_stack(outbound, dst, rule, version);
+        stacks.push((rule.clone(), stack.clone()));
+        stack
+    }
 }
 
 /// One backend Service of a route: balance → breaker → endpoint client.
@@ -247,6 +279,7 @@ struct ProxyHttp {
     stack: Option<ServiceStack>,
     /// The discovery service, the parent of any routes the requests match.
     dst: Option<Arc<ServiceDst>>,
+    rule_stacks: RuleStacks,
 }
 
 impl tower::Service<Request<Incoming>> for ProxyHttp {
@@ -282,7 +315,9 @@ impl ProxyHttp {
                 return Err(NoRoute(dst.name.clone()).into());
             }
             if let Some(Matched(rule)) = req.extensions_mut().remove::<Matched>() {
-                let stack = route_stack(&self.outbound, dst, &rule, self.version);
+                let stack = self
+                    .rule_stacks
+                    .get(&self.outbound, dst, &rule, self.version);
                 return through(&stack, req).await;
             }
         }

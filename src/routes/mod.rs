@@ -24,6 +24,10 @@
 //! match order. A gRPC request tries the parent's GRPCRoute candidates first, then its
 //! HTTPRoute candidates; other requests only HTTPRoute candidates.
 //!
+//! Producer and consumer routes (GAMMA): a route in its parent Service's namespace applies to
+//! every client; a route in another namespace applies only to proxies whose pod is in the
+//! route's namespace (`--pod-namespace`), and for them replaces the parent's producer routes.
+//!
 //! Errors: [`parse::RouteError`] (names the object and the field). Metrics:
 //! `tern_route_config_errors_total{kind, namespace, name, field}` (documents refused),
 //! `tern_routes{kind}` (routes in force). See [`file`] for `--routes-file`.
@@ -34,22 +38,20 @@ pub mod parse;
 mod pipeline_tests;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, Method, Request, Response};
+use http::{HeaderMap, HeaderName, Method, Request};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use regex::Regex;
-use tower::util::BoxCloneSyncService;
 
 pub use parse::{RouteError, parse_value, parse_yaml};
 
 use crate::discover::RetryPolicy;
-use crate::http::{BoxBody, BoxError};
 
 /// The two route kinds; label values of `kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EncodeLabelValue)]
@@ -189,9 +191,6 @@ pub struct GrpcMatch {
     pub headers: Vec<HeaderMatch>,
 }
 
-/// The request stack a rule builds, cached per client protocol (HTTP/1, HTTP/2).
-pub type RuleStack = BoxCloneSyncService<Request<BoxBody>, Response<BoxBody>, BoxError>;
-
 /// A rule in force for one parent: what a matched request uses.
 #[derive(Debug)]
 pub struct Rule {
@@ -203,8 +202,6 @@ pub struct Rule {
     pub timeouts: Timeouts,
     pub retry: Option<RouteRetry>,
     pub backends: Vec<Backend>,
-    /// Built on first use (`crate::outbound::http`); dropped with the table.
-    pub stacks: [OnceLock<RuleStack>; 2],
 }
 
 /// A request extension set by route matching: the rule the request matched.
@@ -260,14 +257,50 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table from validated routes.
-    pub fn build<'a>(routes: impl IntoIterator<Item = &'a Arc<Route>>) -> RouteTable {
+    /// Builds the table from validated routes, every route applying to every client.
+    pub fn build<'a>(routes: impl IntoIterator<Item = &'a Arc<Route>> + Clone) -> RouteTable {
+        Self::build_for(routes, None)
+    }
+
+    /// Builds the table for a client (this proxy's pod) in `client_namespace`, with GAMMA's
+    /// producer and consumer routes: a route in the parent Service's namespace (producer)
+    /// applies to every client; a route in another namespace (consumer) applies only to
+    /// clients in the route's namespace, and replaces the producer routes of that parent for
+    /// them. `None` (namespace unknown, e.g. outside Kubernetes): every route applies.
+    pub fn build_for<'a>(
+        routes: impl IntoIterator<Item = &'a Arc<Route>> + Clone,
+        client_namespace: Option<&str>,
+    ) -> RouteTable {
+        let parent_ns = |p: &ParentRef| {
+            p.service
+                .split_once('.')
+                .map_or("", |(_, ns)| ns)
+                .to_owned()
+        };
+        let consumer = |r: &Route, p: &ParentRef| r.key.namespace != parent_ns(p);
+        let applies = |r: &Route, p: &ParentRef| {
+            !consumer(r, p) || client_namespace.is_none_or(|ns| ns == r.key.namespace)
+        };
+        // Parents that have a consumer route for this client: their producer routes yield.
+        let mut overridden = std::collections::HashSet::new();
+        if client_namespace.is_some() {
+            for r in routes.clone() {
+                for p in r.parents.iter().filter(|p| consumer(r, p) && applies(r, p)) {
+                    overridden.insert(p.service.clone());
+                }
+            }
+        }
         let mut parents: HashMap<String, ParentRoutes> = HashMap::new();
         let mut len = [0; 2];
         for route in routes {
             len[route.key.kind as usize] += 1;
             let label: Arc<str> = Arc::from(format!("{}/{}", route.key.namespace, route.key.name));
             for parent in &route.parents {
+                if !applies(route, parent)
+                    || (!consumer(route, parent) && overridden.contains(&parent.service))
+                {
+                    continue;
+                }
                 let entry = parents.entry(parent.service.clone()).or_default();
                 for (index, spec) in route.rules.iter().enumerate() {
                     let rule = Arc::new(Rule {
@@ -277,7 +310,6 @@ impl RouteTable {
                         timeouts: spec.timeouts,
                         retry: spec.retry.clone(),
                         backends: spec.backends.clone(),
-                        stacks: Default::default(),
                     });
                     let list = match route.key.kind {
                         RouteKind::HTTPRoute => &mut entry.http,
@@ -565,6 +597,8 @@ pub struct RouteStore {
 
 #[derive(Debug, Default)]
 struct StoreInner {
+    /// This proxy's pod namespace, for consumer routes (see [`RouteTable::build_for`]).
+    client_namespace: Option<String>,
     table: RwLock<Arc<RouteTable>>,
     /// Writers serialize here; readers only take the table's read lock for a pointer clone.
     entries: Mutex<BTreeMap<RouteKey, Entry>>,
@@ -573,9 +607,16 @@ struct StoreInner {
 
 impl RouteStore {
     pub fn new(metrics: RouteMetrics) -> Self {
+        Self::for_client(metrics, None)
+    }
+
+    /// A store for a proxy whose pod is in `client_namespace` (`--pod-namespace`): consumer
+    /// routes of that namespace apply, those of others do not.
+    pub fn for_client(metrics: RouteMetrics, client_namespace: Option<String>) -> Self {
         RouteStore {
             inner: Arc::new(StoreInner {
                 metrics,
+                client_namespace,
                 ..StoreInner::default()
             }),
         }
@@ -675,7 +716,10 @@ impl RouteStore {
     }
 
     fn publish(&self, entries: &BTreeMap<RouteKey, Entry>) {
-        let table = RouteTable::build(entries.values().map(|e| &e.route));
+        let table = RouteTable::build_for(
+            entries.values().map(|e| &e.route),
+            self.inner.client_namespace.as_deref(),
+        );
         for kind in [RouteKind::HTTPRoute, RouteKind::GRPCRoute] {
             self.inner
                 .metrics

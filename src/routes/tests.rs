@@ -550,3 +550,35 @@ fn the_store_keeps_the_last_good_route_and_swaps_atomically() {
     assert_eq!(hit(&store.table(), get("/api")), "404");
     assert!(!store.delete(&key));
 }
+
+#[test]
+fn consumer_routes_apply_to_their_namespace_and_override_producers() {
+    let producer = http_route(
+        "producer",
+        "    - matches: [{path: {type: PathPrefix, value: /}}]\n",
+    );
+    let consumer = producer
+        .replace(
+            "name: producer, namespace: shop",
+            "name: consumer, namespace: front",
+        )
+        .replace("[{name: web}]", "[{name: web, namespace: shop}]");
+    let routes: Vec<Arc<Route>> = [&producer, &consumer]
+        .iter()
+        .map(|t| Arc::new(route(t)))
+        .collect();
+    let for_ns = |ns: Option<&str>| hit(&RouteTable::build_for(routes.iter(), ns), get("/x"));
+    assert_eq!(
+        for_ns(Some("front")),
+        "consumer#0",
+        "the consumer's own namespace"
+    );
+    assert_eq!(for_ns(Some("shop")), "producer#0");
+    assert_eq!(
+        for_ns(Some("other")),
+        "producer#0",
+        "consumer routes stay in their namespace"
+    );
+    // Unknown namespace: every route applies, in precedence order (name decides the tie).
+    assert_eq!(for_ns(None), "consumer#0");
+}
