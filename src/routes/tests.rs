@@ -582,3 +582,22 @@ fn consumer_routes_apply_to_their_namespace_and_override_producers() {
     // Unknown namespace: every route applies, in precedence order (name decides the tie).
     assert_eq!(for_ns(None), "consumer#0");
 }
+
+#[test]
+fn the_readme_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("### Routes")
+        .nth(1)
+        .expect("README has a Routes section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a yaml block");
+    let docs = docs(yaml);
+    assert_eq!(docs.len(), 2);
+    for d in &docs {
+        parse_value(d).unwrap_or_else(|e| panic!("README example: {e}"));
+    }
+}
