@@ -161,64 +161,68 @@ pub fn route_stack(
     rule: &Rule,
     version: HttpVersion,
 ) -> ServiceStack {
-    {
-        let state = outbound.service_state(dst);
-        let timeout = match rule.timeouts.request {
-            Some(t) => Some(t).filter(|t| !t.is_zero()),
-            None => dst.policy.timeout.or(outbound.config.request_timeout),
-        };
-        let retry = rule.retry.as_ref();
-        let policy = retry.map_or_else(|| dst.policy.retry.clone(), |r| Some(r.policy.clone()));
-        let retry = RetryLayer::new(
-            state.balancer.service().clone(),
-            policy,
-            state.budget.clone(),
-            outbound.metrics.retry.clone(),
-        )
-        .with_backoff(retry.map(|r| r.backoff));
-        let backends = if rule.backends.is_empty() {
-            let stack = backend_stack(outbound, dst, version);
-            vec![WeightedBackend {
-                name: dst.name.clone(),
-                weight: 1,
-                service: Some(stack),
-            }]
-        } else {
-            rule.backends
-                .iter()
-                .map(|b| {
-                    let found = outbound
-                        .discovery
-                        .as_ref()
-                        .and_then(|d| d.find_service(&b.service, b.port));
-                    if found.is_none() {
-                        tracing::warn!(route = &*rule.label, backend = %b.service, port = b.port,
-                            "route backend unknown to discovery; its share of requests fails");
-                    }
-                    let service = found.and_then(|(addr, r)| {
-                        let backend = ServiceDst {
-                            addr: OrigDstAddr(addr),
-                            name: b.service.clone(),
-                            policy: r.policy?,
-                        };
-                        Some(backend_stack(outbound, &backend, version))
-                    });
-                    WeightedBackend {
-                        name: b.service.clone(),
-                        weight: b.weight,
-                        service,
-                    }
-                })
-                .collect()
-        };
-        let attempt_timeout = rule.timeouts.backend_request.filter(|t| !t.is_zero());
-        let stack = ServiceBuilder::new()
-            .layer(TimeoutLayer::new(timeout))
-            .layer(retry)
-            .layer(TimeoutLayer::per_attempt(attempt_timeout))
-            .service(Split::new(backends));
-        BoxCloneSyncService::new(stack)
+    let state = outbound.service_state(dst);
+    let timeout = match rule.timeouts.request {
+        Some(t) => Some(t).filter(|t| !t.is_zero()),
+        None => dst.policy.timeout.or(outbound.config.request_timeout),
+    };
+    let retry = rule.retry.as_ref();
+    let policy = retry.map_or_else(|| dst.policy.retry.clone(), |r| Some(r.policy.clone()));
+    let retry = RetryLayer::new(
+        state.balancer.service().clone(),
+        policy,
+        state.budget.clone(),
+        outbound.metrics.retry.clone(),
+    )
+    .with_backoff(retry.map(|r| r.backoff));
+    let attempt_timeout = rule.timeouts.backend_request.filter(|t| !t.is_zero());
+    let stack = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeout))
+        .layer(retry)
+        .layer(TimeoutLayer::per_attempt(attempt_timeout))
+        .service(Split::new(route_backends(outbound, dst, rule, version)));
+    BoxCloneSyncService::new(stack)
+}
+
+/// A rule's weighted backends, resolved through discovery (`name.namespace` and port); an
+/// unknown one keeps its weight and fails its share (`invalid_backend`).
+fn route_backends(
+    outbound: &Arc<Outbound>,
+    dst: &ServiceDst,
+    rule: &Rule,
+    version: HttpVersion,
+) -> Vec<WeightedBackend<ServiceStack>> {
+    if rule.backends.is_empty() {
+        return vec![WeightedBackend {
+            name: dst.name.clone(),
+            weight: 1,
+            service: Some(backend_stack(outbound, dst, version)),
+        }];
     }
+    let resolve = |service: &str, port| {
+        let (addr, resolved) = outbound.discovery.as_ref()?.find_service(service, port)?;
+        Some(ServiceDst {
+            addr: OrigDstAddr(addr),
+            name: service.to_owned(),
+            policy: resolved.policy?,
+        })
+    };
+    rule.backends
+        .iter()
+        .map(|b| {
+            let backend = resolve(&b.service, b.port);
+            if backend.is_none() {
+                // Each failed request is logged by `rescue` (`invalid_backend`).
+                tracing::debug!(route = &*rule.label, backend = %b.service, port = b.port,
+                    "route backend unknown to discovery; its share of requests fails");
+            }
+            WeightedBackend {
+                name: b.service.clone(),
+                weight: b.weight,
+                service: backend.map(|d| backend_stack(outbound, &d, version)),
+            }
+        })
+        .collect()
 }
 
 /// Most rule stacks one connection keeps; past it the cache starts over (reloads make new

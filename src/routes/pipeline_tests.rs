@@ -326,3 +326,33 @@ async fn a_routes_file_reload_moves_traffic_without_failures() {
     drop(client);
     mesh.proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_unknown_backend_fails_its_share_with_500() {
+    let parent = App::start("parent", Behavior::Ok).await;
+    let v1 = App::start("v1", Behavior::Ok).await;
+    let routes = http_route(
+        "      backendRefs:\n        - {name: web-v1, port: 10, weight: 1}\n        - {name: missing, port: 80, weight: 1}\n",
+    );
+    let mesh = Mesh::start(&[&parent], &[&v1], &[], &routes);
+    let mut client = Client::connect(mesh.entry()).await;
+    let (mut ok, mut invalid) = (0, 0);
+    for _ in 0..100 {
+        let (status, headers, _) = client.get("/").await;
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::INTERNAL_SERVER_ERROR => {
+                assert_eq!(headers["tern-proxy-error"], "invalid_backend");
+                invalid += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, v1.hits());
+    assert!(
+        ok > 20 && invalid > 20,
+        "about half each: {ok} ok, {invalid} invalid"
+    );
+    drop(client);
+    mesh.proxy.stop().await;
+}
