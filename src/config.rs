@@ -305,6 +305,16 @@ mod tests {
     }
 
     #[test]
+    fn the_routes_file_flag_is_carried() {
+        assert_eq!(parse(&[]).expect("valid").routes_file, None);
+        let c = parse(&["--routes-file", "/etc/tern/routes.yaml"]).expect("valid");
+        assert_eq!(
+            c.routes_file.as_deref(),
+            Some(std::path::Path::new("/etc/tern/routes.yaml"))
+        );
+    }
+
+    #[test]
     fn explicit_target_on_own_listener_is_a_loop() {
         let e = parse(&["--outbound-target", "127.0.0.1:4140"]).expect_err("loop");
         assert!(matches!(

@@ -96,3 +96,65 @@ pub async fn watch(path: PathBuf, store: RouteStore, interval: Duration, seen: S
         last = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::{RouteKind, RouteMetrics};
+
+    const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{name: web}]\n";
+
+    #[test]
+    fn start_refuses_unreadable_or_non_yaml_files_but_not_bad_documents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routes.yaml");
+        let store = RouteStore::new(RouteMetrics::default());
+        let e = start(&path, &store).expect_err("missing");
+        assert!(matches!(e, RoutesFileError::Read { .. }), "{e}");
+        std::fs::write(&path, "spec: [").expect("write");
+        let e = start(&path, &store).expect_err("not yaml");
+        assert!(e.to_string().contains("routes.yaml"), "{e}");
+        let bad = ROUTE
+            .replace("HTTPRoute", "UDPRoute")
+            .replace("name: web,", "name: udp,");
+        std::fs::write(&path, format!("{ROUTE}---\n{bad}")).expect("write");
+        start(&path, &store).expect("a bad document does not stop start-up");
+        assert_eq!(store.table().len(RouteKind::HTTPRoute), 1);
+        assert_eq!(store.metrics().errors("UDPRoute", "shop", "udp", "kind"), 1);
+    }
+
+    #[tokio::test]
+    async fn reloads_apply_and_a_broken_file_keeps_the_routes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(&path, ROUTE).expect("write");
+        let store = RouteStore::new(RouteMetrics::default());
+        let seen = start(&path, &store).expect("start");
+        let task = tokio::spawn(watch(
+            path.clone(),
+            store.clone(),
+            Duration::from_millis(20),
+            seen,
+        ));
+        std::fs::write(&path, "spec: [").expect("write broken");
+        for _ in 0..200 {
+            if store.metrics().errors("", "", "", "yaml") > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.metrics().errors("", "", "", "yaml"), 1);
+        assert_eq!(store.table().len(RouteKind::HTTPRoute), 1, "kept");
+        std::fs::write(&path, ROUTE.replace("HTTPRoute", "GRPCRoute")).expect("write");
+        for _ in 0..200 {
+            if store.table().len(RouteKind::GRPCRoute) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t = store.table();
+        assert_eq!(t.len(RouteKind::GRPCRoute), 1);
+        assert_eq!(t.len(RouteKind::HTTPRoute), 0, "removed from the file");
+        task.abort();
+    }
+}
