@@ -637,12 +637,12 @@ impl RouteStore {
     /// removed; routes of other sources are untouched. One atomic swap.
     pub fn replace_source(&self, source: &str, docs: &[serde_json::Value]) -> Vec<RouteError> {
         let mut entries = self.entries();
-        let mut keep: Vec<RouteKey> = Vec::new();
+        let mut keep = std::collections::BTreeSet::new();
         let mut errors = Vec::new();
         for doc in docs {
             match parse_value(doc) {
                 Ok(route) => {
-                    keep.push(route.key.clone());
+                    keep.insert(route.key.clone());
                     entries.insert(
                         route.key.clone(),
                         Entry {
@@ -653,7 +653,7 @@ impl RouteStore {
                 }
                 Err(e) => {
                     if let Some(key) = e.key() {
-                        keep.push(key);
+                        keep.insert(key);
                     }
                     self.reject(&e);
                     errors.push(e);
