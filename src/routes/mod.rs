@@ -2,11 +2,15 @@
 //! (`gateway.networking.k8s.io/v1`) whose `parentRefs` name a Service.
 //!
 //! ```text
-//! YAML file (multi-document) ─┐                        ┌─▶ RouteTable (per parent Service:
-//! API-server objects (JSON)  ─┴▶ parse::parse_value ─▶ RouteStore ─┘   candidates in precedence order)
-//!                                 (typed, validated)   (last good per route, atomic swap)
-//! request to a Service with routes ─▶ RouteTable::lookup ─▶ Matched(rule) | NoMatch (404) | NoRoutes
+//! routes file (YAML, multi-doc) ─▶ parse_yaml ─┐
+//! API-server objects (JSON)  ───────────────────┴▶ parse_value ─▶ RouteStore ─▶ RouteTable (swapped whole)
+//!                                                  (validated)    (last good per route)
+//! request to a Service ─▶ RouteTable::lookup ─▶ Matched(rule) | NoMatch (404) | NoRoutes (service stack)
 //! ```
+//!
+//! Feeding routes: [`RouteStore::replace_source`] (a whole set: a file's contents, an API
+//! server relist), [`RouteStore::apply`] and [`RouteStore::delete`] (watch events); each takes
+//! objects as `serde_json::Value` and validates them with [`parse_value`].
 //!
 //! A request to a discovery service is looked up in the current [`RouteTable`] by the
 //! service's name (`name.namespace`) and the port it was sent to. When routes are attached to
@@ -30,7 +34,7 @@
 //!
 //! Errors: [`parse::RouteError`] (names the object and the field). Metrics:
 //! `tern_route_config_errors_total{kind, namespace, name, field}` (documents refused),
-//! `tern_routes{kind}` (routes in force). See [`file`] for `--routes-file`.
+//! `tern_routes{kind}` (routes in force). See [`mod@file`] for `--routes-file`.
 
 pub mod file;
 pub mod parse;
