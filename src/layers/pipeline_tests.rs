@@ -31,6 +31,8 @@ pub(crate) enum Behavior {
     Status(u16),
     /// 200 after this long.
     Slow(Duration),
+    /// 200 with this `grpc-status` in the headers (a trailers-only gRPC answer).
+    Grpc(u32),
 }
 
 /// A hyper app server counting the requests that reach it; killed (listener and every
@@ -56,9 +58,11 @@ impl App {
             while let Ok((s, _)) = l.accept().await {
                 let h = h.clone();
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         h.fetch_add(1, Ordering::SeqCst);
                         async move {
+                            // As servers do: the whole request before the answer.
+                            let _ = req.into_body().collect().await;
                             let mut r =
                                 Response::new(Full::new(Bytes::from_static(name.as_bytes())));
                             match behavior {
@@ -67,6 +71,9 @@ impl App {
                                     *r.status_mut() = StatusCode::from_u16(s).expect("status")
                                 }
                                 Behavior::Slow(d) => tokio::time::sleep(d).await,
+                                Behavior::Grpc(code) => {
+                                    r.headers_mut().insert("grpc-status", code.into());
+                                }
                             }
                             Ok::<_, std::convert::Infallible>(r)
                         }

@@ -19,9 +19,13 @@
 //! backoff itself is longer), stretched by a random 0–50% so retries do not synchronize.
 //! The wait never falls below the configured backoff (the Gateway API's minimum).
 //!
-//! Bodies are replayed only when they can be buffered under [`REPLAY_CAP`] (64 KiB): the
-//! request's size hint must promise at most that much (an empty body, or a `content-length`
-//! within the cap). Others (gRPC streams, large uploads) get one attempt.
+//! Bodies are replayed only when they can be buffered under [`REPLAY_CAP`] (64 KiB): a body
+//! whose size hint promises at most that much (an empty body, or a `content-length` within
+//! the cap) is read first; a body of unknown length (HTTP/1 chunked, HTTP/2 without
+//! `content-length`, as gRPC clients send) is recorded by a [`Tee`] while the first attempt
+//! sends it, and replayed only if that attempt read it to its end within the cap (a unary
+//! gRPC call). Others (a stream still open when the answer came, large uploads) get one
+//! attempt.
 //!
 //! The [`Budget`] bounds the extra load: each request deposits 0.2 tokens, a retry takes one;
 //! a floor of 10 retries per second stays available (refilled continuously). A failing
@@ -191,6 +195,100 @@ impl ReplayBody {
     }
 }
 
+/// A body of unknown length sent on the first attempt while a copy is kept, up to a cap.
+/// When the attempt read it to its end within the cap (a unary gRPC call: the server answers
+/// after the whole request), [`Tee::replay`] gives it back for the next attempts; a stream
+/// still open when the answer came, or a larger one, cannot be retried.
+#[derive(Debug, Clone)]
+pub struct Tee(Arc<Mutex<TeeState>>);
+
+#[derive(Debug, Default)]
+struct TeeState {
+    data: bytes::BytesMut,
+    trailers: Option<HeaderMap>,
+    complete: bool,
+    overflowed: bool,
+}
+
+impl Tee {
+    /// Wraps `body` for the first attempt; the returned handle sees what it read.
+    pub fn new(body: BoxBody, cap: usize) -> (Tee, BoxBody) {
+        let tee = Tee(Arc::default());
+        let recording = TeeBody {
+            inner: body,
+            tee: tee.clone(),
+            cap,
+        };
+        (tee, crate::http::boxed(recording))
+    }
+
+    /// The whole body, when the first attempt read all of it within the cap.
+    pub fn replay(&self) -> Option<ReplayBody> {
+        let s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (s.complete && !s.overflowed).then(|| ReplayBody {
+            data: (!s.data.is_empty()).then(|| s.data.clone().freeze()),
+            trailers: s.trailers.clone(),
+        })
+    }
+}
+
+struct TeeBody {
+    inner: BoxBody,
+    tee: Tee,
+    cap: usize,
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut s = self.tee.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &polled {
+            Poll::Ready(None) => s.complete = true,
+            Poll::Ready(Some(Ok(frame))) if !s.overflowed => {
+                if let Some(d) = frame.data_ref() {
+                    if s.data.len() + d.len() > self.cap {
+                        s.overflowed = true;
+                        s.data = bytes::BytesMut::new();
+                    } else {
+                        s.data.extend_from_slice(d);
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    s.trailers = Some(t.clone());
+                }
+            }
+            _ => {}
+        }
+        // Senders may stop polling once the body says it ended (hyper sends END_STREAM with
+        // the last data frame), so the end is recorded here too.
+        if self.inner.is_end_stream() {
+            s.complete = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.tee
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .complete = true;
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl Body for ReplayBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -342,17 +440,28 @@ impl RetryLayer {
         S::Future: Send + 'static,
     {
         let (parts, body) = req.into_parts();
-        let body = match ReplayBody::buffer(body, REPLAY_CAP).await {
+        // The first attempt's body; `replay` holds what later attempts send.
+        let (mut first, mut replay, tee) = match ReplayBody::buffer(body, REPLAY_CAP).await {
             Err(e) => return Err(e),
-            Ok(Ok(b)) => b,
-            Ok(Err(streaming)) => {
-                return send_once(&svc, Request::from_parts(parts, streaming)).await;
+            Ok(Ok(b)) => (None, Some(b), None),
+            // Unknown length: recorded while the first attempt sends it.
+            Ok(Err(body)) if body.size_hint().upper().is_none() => {
+                let (tee, body) = Tee::new(body, REPLAY_CAP);
+                (Some(body), None, Some(tee))
+            }
+            Ok(Err(large)) => {
+                return send_once(&svc, Request::from_parts(parts, large)).await;
             }
         };
         let tried = Tried::default();
         let mut attempt = 0u32;
         loop {
-            let mut req = Request::new(crate::http::boxed(body.clone()));
+            let body = match (first.take(), &replay) {
+                (Some(b), _) => b,
+                (None, Some(r)) => crate::http::boxed(r.clone()),
+                (None, None) => return Err("retry without a replayable body".into()),
+            };
+            let mut req = Request::new(body);
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
@@ -378,7 +487,13 @@ impl RetryLayer {
                     .map(|p| p.attempts),
                 Err(_) => None,
             };
-            let retry = limit.is_some_and(|l| attempt < l);
+            if attempt == 0 {
+                if let Some(t) = &tee {
+                    replay = t.replay();
+                }
+            }
+            // A body that cannot be sent again ends it (a stream still open, or too large).
+            let retry = limit.is_some_and(|l| attempt < l) && replay.is_some();
             if retry && !self.budget.withdraw(Instant::now()) {
                 self.metrics
                     .inc(&self.service, RetryResult::budget_exhausted);
@@ -582,6 +697,80 @@ mod tests {
             .expect("request");
         svc.oneshot(req).await.expect_err("refused");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A body of unknown length: `ready` frames already there, then (when `more`) a frame
+    /// that arrives only after the first attempt was sent.
+    fn unsized_body(
+        ready: &[&'static [u8]],
+        more: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> BoxBody {
+        use futures_util::StreamExt;
+        let head: Vec<Result<Frame<Bytes>, BoxError>> = ready
+            .iter()
+            .map(|b| Ok(Frame::data(Bytes::from_static(b))))
+            .collect();
+        let tail = futures_util::stream::iter(more).then(|rx| async move {
+            let _ = rx.await;
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"-late")))
+        });
+        crate::http::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::iter(head).chain(tail),
+        ))
+    }
+
+    #[tokio::test]
+    async fn unsized_bodies_read_to_the_end_are_replayed_open_streams_are_not() {
+        // Like a unary gRPC call without content-length: the first attempt reads it all.
+        let body = unsized_body(&[b"pay", b"load"], None);
+        assert_eq!(body.size_hint().upper(), None);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let policy = RetryPolicy {
+            on: vec![RetryOn::Server5xx],
+            attempts: 2,
+        };
+        let (l, m) = layer(Some(policy.clone()));
+        let svc = l.layer(upstream(calls.clone(), |n| {
+            Ok(if n == 0 { 503 } else { 200 })
+        }));
+        let req = Request::post("/x").body(body).expect("request");
+        assert_eq!(svc.oneshot(req).await.expect("retried").status(), 200);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "replayed intact (checked upstream)"
+        );
+        assert_eq!(count(&m, RetryResult::retried), 1);
+
+        // A stream still open when the answer comes: one attempt.
+        let (_tx, rx) = tokio::sync::oneshot::channel();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let (l, _) = layer(Some(policy));
+        let svc = l.layer(tower::service_fn(move |_req: Request<BoxBody>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async {
+                let mut r = Response::new(crate::http::empty());
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                Ok::<_, BoxError>(r)
+            }
+        }));
+        let req = Request::post("/x")
+            .body(unsized_body(&[b"early"], Some(rx)))
+            .expect("request");
+        assert_eq!(svc.oneshot(req).await.expect("answer").status(), 503);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "not replayable");
+
+        // Larger than the cap: recorded no further, never replayed.
+        let big: &'static [u8] = Box::leak(vec![7u8; REPLAY_CAP + 1].into_boxed_slice());
+        let (tee, body) = Tee::new(unsized_body(&[big], None), REPLAY_CAP);
+        let all = body.collect().await.expect("body").to_bytes();
+        assert_eq!(
+            all.len(),
+            REPLAY_CAP + 1,
+            "the first attempt gets every byte"
+        );
+        assert!(tee.replay().is_none());
     }
 
     #[test]

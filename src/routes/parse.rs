@@ -136,6 +136,15 @@ pub fn parse_value(doc: &Value) -> Result<Route, RouteError> {
             for (i, r) in spec.rules.iter().enumerate() {
                 rules.push(grpc_rule(&head, i, r, timeouts, retry.clone())?);
             }
+            if rules.is_empty() {
+                // The default rule (below) with the annotations' policy.
+                rules.push(RuleSpec {
+                    matches: Vec::new(),
+                    timeouts,
+                    retry,
+                    backends: Vec::new(),
+                });
+            }
             (parents, rules)
         }
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
@@ -97,7 +97,7 @@ fn split(v1: u32, v2: u32) -> String {
 }
 
 /// One HTTP/2 connection sending gRPC-shaped requests (`content-type: application/grpc`).
-struct GrpcClient(hyper::client::conn::http2::SendRequest<Empty<Bytes>>);
+struct GrpcClient(hyper::client::conn::http2::SendRequest<crate::http::BoxBody>);
 
 impl GrpcClient {
     async fn connect(entry: SocketAddr) -> GrpcClient {
@@ -114,10 +114,15 @@ impl GrpcClient {
     /// and the `tern-proxy-error` header.
     async fn call(&mut self, path: &str) -> (Option<String>, Option<String>) {
         self.0.ready().await.expect("connection open");
+        // One empty gRPC message, streamed: no content-length, as gRPC clients send it.
+        let message = futures_util::stream::iter([Ok::<_, crate::http::BoxError>(
+            hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\0")),
+        )]);
+        let body = crate::http::boxed(http_body_util::StreamBody::new(message));
         let req = Request::post(format!("http://web.shop{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(Empty::new())
+            .body(body)
             .expect("request");
         let resp = self.0.send_request(req).await.expect("response");
         let h = |name: &str| {
@@ -354,5 +359,28 @@ async fn an_unknown_backend_fails_its_share_with_500() {
         "about half each: {ok} ok, {invalid} invalid"
     );
     drop(client);
+    mesh.proxy.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_unavailable_is_retried_by_the_route_annotation() {
+    let bad = App::start("bad", Behavior::Grpc(14)).await;
+    let good = App::start("good", Behavior::Grpc(0)).await;
+    let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: greeter\n  namespace: shop\n  annotations: {tern.io/retry-grpc: unavailable, tern.io/retry-backoff: 1ms}\nspec:\n  parentRefs: [{name: web}]\n";
+    let mesh = Mesh::start(&[&bad, &good], &[], &[], routes);
+    let mut grpc = GrpcClient::connect(mesh.entry()).await;
+    for i in 0..30 {
+        let (status, error) = grpc.call("/helloworld.Greeter/SayHello").await;
+        assert_eq!(status.as_deref(), Some("0"), "call {i}: {error:?}");
+    }
+    assert!(bad.hits() >= 1, "the failing endpoint was tried");
+    assert_eq!(good.hits(), 30);
+    let m = mesh.proxy.metrics().await;
+    assert_eq!(
+        metric_value(&m, "tern_retries_total", "result=\"retried\""),
+        bad.hits() as f64,
+        "each UNAVAILABLE was retried (the streamed unary body was replayed): {m}"
+    );
+    drop(grpc);
     mesh.proxy.stop().await;
 }

@@ -113,6 +113,17 @@ fn a_full_httproute_and_grpcroute_parse() {
     assert_eq!(retry.policy.on, vec![RetryOn::Grpc(14), RetryOn::Grpc(8)]);
     assert_eq!(retry.policy.attempts, 2);
     assert_eq!(retry.backoff, parse::DEFAULT_BACKOFF);
+    // Without rules: one rule matching everything, with the annotations' policy.
+    let bare = CANARY.split("---").nth(1).expect("grpc doc");
+    let bare = &bare[..bare.find("  rules:").expect("rules")];
+    let g = route(bare);
+    assert_eq!(g.rules.len(), 1);
+    assert!(g.rules[0].matches.is_empty());
+    assert_eq!(
+        g.rules[0].retry.as_ref().map(|r| r.policy.attempts),
+        Some(2)
+    );
+    assert_eq!(g.rules[0].timeouts.request, Some(Duration::from_secs(90)));
 }
 
 #[test]
