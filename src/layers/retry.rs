@@ -34,7 +34,7 @@
 //! Metrics: `tern_retries_total{dst_service, result}` (`retried`: an extra attempt was sent;
 //! `succeeded`: a retried request ended in a non-failure; `budget_exhausted`: a retry was
 //! wanted but the budget was empty). Errors: none of its own (the last attempt's outcome
-//! passes through). Flag: none; per service in the discovery file.
+//! passes through). Flag: none; per service in the discovery file, per route rule (`retry`).
 
 use std::future::Future;
 use std::pin::Pin;
