@@ -82,6 +82,34 @@ pub fn discovery(data: &[u8]) {
     let _ = tern::discover::file::parse(Path::new("fuzz.yaml"), s);
 }
 
+/// Gateway API routes: never panic; accepted routes build a table that answers lookups.
+pub fn routes(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(docs) = tern::routes::parse_yaml(s) else {
+        return;
+    };
+    let routes: Vec<std::sync::Arc<tern::routes::Route>> = docs
+        .iter()
+        .filter_map(|d| tern::routes::parse_value(d).ok())
+        .map(std::sync::Arc::new)
+        .collect();
+    let table = tern::routes::RouteTable::build_for(routes.iter(), Some("shop"));
+    for r in &routes {
+        for p in &r.parents {
+            for path in ["/", "/api/v1?x=1&y", "/helloworld.Greeter/SayHello", "//"] {
+                let req = http::Request::post(path)
+                    .header("content-type", "application/grpc")
+                    .header("x-canary", "yes")
+                    .body(())
+                    .expect("a valid request");
+                let _ = table.lookup(&p.service, p.port.unwrap_or(80), &req);
+            }
+        }
+    }
+}
+
 /// `--inbound-policy` rules: never panic; an accepted rule can be evaluated on any port.
 pub fn policy_rule(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {

@@ -37,6 +37,8 @@ pub struct Proxy {
     registry: Arc<Registry>,
     identity: Option<Arc<IdentityStore>>,
     discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
+    /// The routes store and what the routes file held at start-up (`--routes-file`).
+    routes: Option<(crate::routes::RouteStore, Option<crate::routes::file::Seen>)>,
     inbound: Arc<Inbound>,
     outbound: Arc<Outbound>,
     inbound_listener: TcpListener,
@@ -143,11 +145,26 @@ impl Proxy {
             },
             None => None,
         };
+        let kube_on = kube.is_some();
         let outbound_discovery = match (&discovery, kube) {
             (Some((d, _, _)), Some(k)) => Some(d.clone().with_kube(k)),
             (Some((d, _, _)), None) => Some(d.clone()),
             (None, Some(k)) => Some(Discovery::default().with_kube(k)),
             (None, None) => None,
+        };
+        // Routes come from `--routes-file` and, with Kubernetes discovery, from the API server.
+        let routes = if config.routes_file.is_some() || kube_on {
+            let store = crate::routes::RouteStore::for_client(
+                crate::routes::RouteMetrics::register(tern),
+                config.pod_namespace.clone(),
+            );
+            let seen = match &config.routes_file {
+                Some(path) => Some(crate::routes::file::start(path, &store)?),
+                None => None,
+            };
+            Some((store, seen))
+        } else {
+            None
         };
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
@@ -183,27 +200,31 @@ impl Proxy {
             own_ports: own_ports.clone(),
         });
         own_ports.push(mesh_port);
-        let outbound = Arc::new(Outbound::new(
-            config.clone(),
-            tcp,
-            crate::outbound::OutboundMetrics {
-                detect: detect_metrics,
-                http: http_metrics,
-                balance: crate::layers::balance::BalanceMetrics::register(tern),
-                breaker: crate::layers::breaker::BreakerMetrics::register(tern),
-                retry: crate::layers::retry::RetryMetrics::register(tern),
-            },
-            outbound_discovery,
-            identity
-                .clone()
-                .map(|store| MeshClient::new(store, mesh_metrics)),
-            own_ports,
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                config.clone(),
+                tcp,
+                crate::outbound::OutboundMetrics {
+                    detect: detect_metrics,
+                    http: http_metrics,
+                    balance: crate::layers::balance::BalanceMetrics::register(tern),
+                    breaker: crate::layers::breaker::BreakerMetrics::register(tern),
+                    retry: crate::layers::retry::RetryMetrics::register(tern),
+                },
+                outbound_discovery,
+                identity
+                    .clone()
+                    .map(|store| MeshClient::new(store, mesh_metrics)),
+                own_ports,
+            )
+            .with_routes(routes.as_ref().map(|(s, _)| s.clone()).unwrap_or_default()),
+        );
         Ok(Proxy {
             config,
             registry: Arc::new(registry),
             identity,
             discovery,
+            routes,
             inbound,
             outbound,
             inbound_listener,
@@ -258,6 +279,19 @@ impl Proxy {
                 metrics,
                 seen,
             )));
+        }
+        if let Some((store, seen)) = self.routes {
+            if let (Some(seen), Some(path)) = (seen, &config.routes_file) {
+                background.push(tokio::spawn(crate::routes::file::watch(
+                    path.clone(),
+                    store.clone(),
+                    config.discovery_reload_interval,
+                    seen,
+                )));
+            }
+            if let Some(kube) = self.outbound.discovery.as_ref().and_then(|d| d.kube()) {
+                background.push(tokio::spawn(crate::routes::api::watch(kube.clone(), store)));
+            }
         }
 
         let tracker = TaskTracker::new();

@@ -150,6 +150,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_DISCOVERY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub discovery_reload_interval: Duration,
 
+    /// YAML file of Gateway API HTTPRoute/GRPCRoute objects whose parentRefs are Services
+    /// (multi-document), hot-reloaded every `--discovery-reload-interval`; see README "Routes".
+    /// Backends are resolved through the discovery file's services.
+    #[arg(long, env = "TERN_ROUTES_FILE")]
+    pub routes_file: Option<PathBuf>,
+
     /// Networks whose unknown destinations are probed for a tern proxy on port 4143 (comma-separated
     /// CIDRs). Destinations elsewhere go out in plaintext at once, never waiting on a probe.
     #[arg(

@@ -97,6 +97,7 @@ pub struct ProxyConfig {
     pub discovery_file: Option<PathBuf>,
     #[serde(with = "humantime_serde_compat")]
     pub discovery_reload_interval: Duration,
+    pub routes_file: Option<PathBuf>,
     pub cluster_networks: Vec<IpNet>,
     pub service_networks: Vec<IpNet>,
     #[serde(with = "humantime_serde_compat")]
@@ -224,6 +225,7 @@ impl ProxyConfig {
             identity_reload_interval: a.identity_reload_interval,
             discovery_file,
             discovery_reload_interval: a.discovery_reload_interval,
+            routes_file: a.routes_file.clone(),
             cluster_networks: a.cluster_networks.clone(),
             service_networks: a.service_networks.clone(),
             probe_timeout: a.probe_timeout,
@@ -381,6 +383,16 @@ mod tests {
         assert!(e.to_string().contains("--request-timeout"));
         let c = parse(&["--request-timeout", "2s"]).expect("valid");
         assert_eq!(c.request_timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_routes_file_flag_is_carried() {
+        assert_eq!(parse(&[]).expect("valid").routes_file, None);
+        let c = parse(&["--routes-file", "/etc/tern/routes.yaml"]).expect("valid");
+        assert_eq!(
+            c.routes_file.as_deref(),
+            Some(std::path::Path::new("/etc/tern/routes.yaml"))
+        );
     }
 
     #[test]

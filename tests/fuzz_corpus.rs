@@ -59,3 +59,8 @@ fn policy_rule_corpus() {
 fn inject_corpus() {
     replay("inject", checks::inject);
 }
+
+#[test]
+fn routes_corpus() {
+    replay("routes", checks::routes);
+}

@@ -51,6 +51,7 @@ pub async fn serve_plain(
         client_id: String::new(),
         server_id: String::new(),
         dst_service: String::new(),
+        route: String::new(),
     };
     let svc = HttpMetricsLayer::new(inbound.http.clone(), labels).layer(ToApp {
         inbound: inbound.clone(),
@@ -93,6 +94,7 @@ async fn from_mesh_inner(
         client_id: client_id.to_string(),
         server_id: String::new(),
         dst_service: String::new(),
+        route: String::new(),
     };
     let metrics = HttpMetricsLayer::new(inbound.http.clone(), labels);
     let target = req
