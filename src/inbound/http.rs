@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -95,18 +95,8 @@ async fn from_mesh_inner(
         dst_service: String::new(),
     };
     let metrics = HttpMetricsLayer::new(inbound.http.clone(), labels);
-    let target = req
-        .headers()
-        .get(h::TARGET)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<SocketAddr>().ok());
-    let version = match req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes) {
-        Some(b"HTTP/1.0") => Some(Version::HTTP_10),
-        Some(b"HTTP/1.1") => Some(Version::HTTP_11),
-        Some(_) => None,
-        None => Some(Version::HTTP_2),
-    };
-    let (Some(target), Some(version)) = (target, version) else {
+    let head = crate::mesh::wire::parse(req.method(), req.uri(), req.headers());
+    let Ok(crate::mesh::wire::StreamHead::Http { target, version }) = head else {
         return record(
             metrics,
             req,
