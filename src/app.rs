@@ -74,6 +74,13 @@ impl Pipeline {
         }
     }
 
+    fn limits(&self) -> &crate::http::limits::ServerLimits {
+        match self {
+            Pipeline::Inbound(i) => &i.server,
+            Pipeline::Outbound(o) => &o.metrics.limits,
+        }
+    }
+
     async fn serve(self, stream: TcpStream, client: ClientAddr) {
         match self {
             Pipeline::Inbound(i) => i.serve(stream, client).await,
@@ -103,6 +110,7 @@ impl Proxy {
         let detect_metrics = crate::detect::DetectMetrics::register(tern);
         let http_metrics = crate::layers::http_metrics::HttpMetrics::register(tern);
         let identity_metrics = IdentityMetrics::register(tern);
+        let limit_metrics = crate::http::limits::LimitMetrics::register(tern);
         let identity = match (identity, &config.identity_dir) {
             (Some(id), _) => Some(IdentityStore::new(
                 id,
@@ -133,15 +141,16 @@ impl Proxy {
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
 
-        let inbound_listener = listen::bind(config.inbound_addr)
+        let inbound_listener = listen::bind(config.inbound_addr, config.listen_backlog)
             .with_context(|| format!("binding the inbound listener on {}", config.inbound_addr))?;
-        let outbound_listeners = listen::bind_all(&config.outbound_addrs).with_context(|| {
-            format!(
-                "binding the outbound listeners on {:?}",
-                config.outbound_addrs
-            )
-        })?;
-        let admin = listen::bind(config.admin_addr)
+        let outbound_listeners = listen::bind_all(&config.outbound_addrs, config.listen_backlog)
+            .with_context(|| {
+                format!(
+                    "binding the outbound listeners on {:?}",
+                    config.outbound_addrs
+                )
+            })?;
+        let admin = listen::bind(config.admin_addr, crate::transport::listen::BACKLOG)
             .and_then(|l| l.into_std())
             .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
 
@@ -162,6 +171,11 @@ impl Proxy {
             identity: identity.clone(),
             mesh_port,
             own_ports: own_ports.clone(),
+            server: crate::http::limits::ServerLimits::new(
+                &config,
+                Direction::inbound,
+                limit_metrics.clone(),
+            ),
         });
         own_ports.push(mesh_port);
         let outbound = Arc::new(Outbound::new(
@@ -173,6 +187,11 @@ impl Proxy {
                 balance: crate::layers::balance::BalanceMetrics::register(tern),
                 breaker: crate::layers::breaker::BreakerMetrics::register(tern),
                 retry: crate::layers::retry::RetryMetrics::register(tern),
+                limits: crate::http::limits::ServerLimits::new(
+                    &config,
+                    Direction::outbound,
+                    limit_metrics.clone(),
+                ),
             },
             discovery.as_ref().map(|(d, _, _)| d.clone()),
             identity
@@ -326,6 +345,9 @@ async fn accept_loop(
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, ?direction, "connection limit reached; closing");
             pipeline.tcp().refused(direction, CloseReason::Limit);
+            pipeline
+                .limits()
+                .exceeded(crate::http::limits::Limit::connections);
             continue;
         };
         let span = tracing::info_span!("conn", dir = ?direction, client = %peer);

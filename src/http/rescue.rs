@@ -13,6 +13,8 @@
 //! | every endpoint of the service ejected | 503 | UNAVAILABLE | `circuit_open` |
 //! | request timeout (`timeout`, `--request-timeout`) | 504 | DEADLINE_EXCEEDED (4) | `request_timeout` |
 //! | the service has no endpoints | 503 | UNAVAILABLE | `no_endpoints` |
+//! | `--max-in-flight-requests` reached (load shedding) | 503 | UNAVAILABLE | `overloaded` |
+//! | the request body stopped arriving (`--request-body-idle-timeout`) | 408 | DEADLINE_EXCEEDED | `body_timeout` |
 //!
 //! A connect timeout is a 504 for HTTP, and UNAVAILABLE for gRPC (the request never reached a
 //! server, so clients may retry it; DEADLINE_EXCEEDED is for request timeouts).
@@ -44,6 +46,8 @@ pub enum ProxyError {
     circuit_open,
     request_timeout,
     no_endpoints,
+    overloaded,
+    body_timeout,
 }
 
 impl ProxyError {
@@ -61,6 +65,8 @@ impl ProxyError {
             ProxyError::circuit_open => "circuit_open",
             ProxyError::request_timeout => "request_timeout",
             ProxyError::no_endpoints => "no_endpoints",
+            ProxyError::overloaded => "overloaded",
+            ProxyError::body_timeout => "body_timeout",
         }
     }
 
@@ -70,7 +76,10 @@ impl ProxyError {
             ProxyError::unauthorized | ProxyError::mtls_required => StatusCode::FORBIDDEN,
             ProxyError::r#loop => StatusCode::LOOP_DETECTED,
             ProxyError::bad_request => StatusCode::BAD_REQUEST,
-            ProxyError::circuit_open | ProxyError::no_endpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::circuit_open | ProxyError::no_endpoints | ProxyError::overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::body_timeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::request_timeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -80,7 +89,7 @@ impl ProxyError {
         match self {
             ProxyError::unauthorized | ProxyError::mtls_required => 7,
             ProxyError::bad_request => 13,
-            ProxyError::request_timeout => 4,
+            ProxyError::request_timeout | ProxyError::body_timeout => 4,
             _ => 14,
         }
     }
@@ -118,6 +127,9 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ProxyError {
         }
         if e.downcast_ref::<RequestTimeout>().is_some() {
             return ProxyError::request_timeout;
+        }
+        if e.downcast_ref::<super::limits::BodyIdleTimeout>().is_some() {
+            return ProxyError::body_timeout;
         }
         if e.downcast_ref::<NoEndpoints>().is_some() {
             return ProxyError::no_endpoints;
