@@ -188,8 +188,8 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let limits = self.limits.clone();
         let grpc = super::is_grpc(req.headers());
-        if let Err(resp) = check(&mut req, &limits) {
-            return Box::pin(std::future::ready(Ok(resp)));
+        if let Err((status, why)) = check(&mut req, &limits) {
+            return Box::pin(std::future::ready(Ok(refusal(status, why))));
         }
         let Some(permit) = limits.admit() else {
             tracing::debug!("request shed: --max-in-flight-requests reached");
@@ -224,28 +224,31 @@ where
     }
 }
 
-/// The per-request checks: `Err` is the response that refuses the request.
-fn check(req: &mut Request<Incoming>, limits: &ServerLimits) -> Result<(), Response<BoxBody>> {
+/// The per-request checks: `Err` is the status and reason that refuse the request.
+fn check(
+    req: &mut Request<Incoming>,
+    limits: &ServerLimits,
+) -> Result<(), (StatusCode, &'static str)> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri().authority().map_or(0, |a| a.as_str().len());
     if uri_len > limits.max_uri_length {
         limits.exceeded(Limit::uri_length);
-        return Err(refusal(StatusCode::URI_TOO_LONG, "uri_too_long"));
+        return Err((StatusCode::URI_TOO_LONG, "uri_too_long"));
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next().cloned();
     if hosts.next().is_some() {
         limits.rejected(Rejected::duplicate_host);
-        return Err(refusal(StatusCode::BAD_REQUEST, "duplicate_host"));
+        return Err((StatusCode::BAD_REQUEST, "duplicate_host"));
     }
     match (&host, req.uri().authority()) {
         (None, None) if req.version() == Version::HTTP_11 => {
             limits.rejected(Rejected::missing_host);
-            return Err(refusal(StatusCode::BAD_REQUEST, "missing_host"));
+            return Err((StatusCode::BAD_REQUEST, "missing_host"));
         }
         (Some(host), Some(authority)) if !same_authority(host, authority, req.uri().scheme()) => {
             limits.rejected(Rejected::host_mismatch);
-            return Err(refusal(StatusCode::BAD_REQUEST, "host_mismatch"));
+            return Err((StatusCode::BAD_REQUEST, "host_mismatch"));
         }
         _ => {}
     }
