@@ -280,10 +280,15 @@ fn classify(buf: &[u8], mode: Mode) -> Option<Verdict> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(_)) => {
-            let upgrade = req
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            // `Upgrade: h2c` is not a tunnel: the server drops it and serves HTTP/1.1, so the
+            // rest of the connection stays under tern's header handling.
+            let upgrade = req.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("upgrade")
+                    && !h
+                        .value
+                        .split(|b| *b == b',')
+                        .all(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+            });
             Some(if upgrade {
                 Verdict::Opaque
             } else {

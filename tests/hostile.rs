@@ -37,6 +37,10 @@ struct Upstream {
     client_ids: Mutex<Vec<String>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Requests per path whose body arrived complete.
+    bodies_ok: Mutex<BTreeMap<String, usize>>,
+    /// Header names seen (lowercase), for hop-by-hop and upgrade checks.
+    header_names: Mutex<Vec<String>>,
 }
 
 impl Upstream {
@@ -56,7 +60,7 @@ impl Upstream {
                         async move { Ok::<_, std::convert::Infallible>(state.answer(req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(s), svc)
                         .await;
                 });
             }
@@ -64,8 +68,12 @@ impl Upstream {
         (addr, up)
     }
 
-    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         self.total.fetch_add(1, Ordering::SeqCst);
+        self.header_names
+            .lock()
+            .expect("lock")
+            .extend(req.headers().keys().map(|k| k.as_str().to_owned()));
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let path = req.uri().path().to_owned();
@@ -81,7 +89,37 @@ impl Upstream {
                 .expect("lock")
                 .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
         }
-        let _ = req.into_body().collect().await;
+        if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
+            // An echo protocol after 101.
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert("upgrade", "echo".parse().expect("value"));
+            r.headers_mut()
+                .insert("connection", "upgrade".parse().expect("value"));
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return r;
+        }
+        if req.into_body().collect().await.is_ok() {
+            *self
+                .bodies_ok
+                .lock()
+                .expect("lock")
+                .entry(path.clone())
+                .or_default() += 1;
+        }
         if path == "/hold" {
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
@@ -109,10 +147,16 @@ impl Running {
     /// A plain proxy whose outbound and inbound both go to `upstream` (explicit mode). A short
     /// detect timeout keeps the slow cases bounded.
     fn start(upstream: SocketAddr) -> Self {
+        Self::start_with(upstream, |_| {})
+    }
+
+    /// As [`Running::start`], with `tweak` applied to the config.
+    fn start_with(upstream: SocketAddr, tweak: impl FnOnce(&mut ProxyConfig)) -> Self {
         let mut config = ProxyConfig::loopback();
         config.outbound_target = TargetMode::Fixed(upstream);
         config.inbound_target = TargetMode::Fixed(upstream);
         config.detect_timeout = Duration::from_secs(2);
+        tweak(&mut config);
         let proxy = Proxy::bind(config).expect("bind proxy");
         let addrs = proxy.addrs().expect("addrs");
         let (drain, watch) = Drain::new();
@@ -130,6 +174,13 @@ impl Running {
             .expect("metrics")
             .1;
         metric_value(&text, "process_resident_memory_bytes", "")
+    }
+
+    async fn metrics(&self) -> String {
+        http_get(self.addrs.admin, "/metrics")
+            .await
+            .expect("metrics")
+            .1
     }
 
     async fn stop(self) {
@@ -291,26 +342,39 @@ async fn http1_smuggling_is_refused_and_nothing_reaches_the_upstream() {
         assert!(resp.starts_with("HTTP/1.1 400"), "{name}: got {resp:?}");
         assert!(closed, "{name}: the connection stayed open");
     }
-    // CL + TE: hyper applies RFC 9112 §6.1 (Transfer-Encoding wins, Content-Length is removed,
-    // the connection closes after the response), so the upstream gets one unambiguous chunked
-    // request and never the bytes behind it.
-    let (resp, closed) = exchange(
-        proxy.outbound(),
-        format!(
-            "POST /clte HTTP/1.1\r\nHost: u\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
-        )
-        .as_bytes(),
-    )
-    .await;
-    eprintln!("[smuggling] CL+TE: {:?}", resp.lines().next().unwrap_or(""));
-    assert!(
-        resp.starts_with("HTTP/1.1 400")
-            || (resp.starts_with("HTTP/1.1 200") && resp.contains("connection: close")),
-        "CL+TE: got {resp:?}"
-    );
-    assert!(closed, "CL+TE: the connection stayed open");
-    let clte = up.count("/clte");
-    assert!(clte <= 1);
+    // CL + TE, in either order and in the second request of a keep-alive connection: 400, the
+    // connection closed, nothing forwarded (hyper alone would forward it chunked).
+    for (name, payload) in [
+        (
+            "CL then TE",
+            format!(
+                "POST /clte HTTP/1.1\r\nHost: u\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "TE then CL",
+            format!(
+                "POST /clte HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "CL+TE behind a chunked request",
+            format!(
+                "POST /first HTTP/1.1\r\nHost: u\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nPOST /clte HTTP/1.1\r\nHost: u\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+    ] {
+        let (resp, closed) = exchange(proxy.outbound(), payload.as_bytes()).await;
+        eprintln!(
+            "[smuggling] {name}: {:?}",
+            resp.lines().next().unwrap_or("")
+        );
+        assert!(resp.contains("HTTP/1.1 400"), "{name}: got {resp:?}");
+        assert!(closed, "{name}: the connection stayed open");
+    }
+    assert_eq!(up.count("/clte"), 0, "a CL+TE request reached the upstream");
+    assert_eq!(up.count("/first"), 1, "the clean first request was served");
+    let clte = 1; // the /first request
 
     // Bare LF line ends: hyper reads them as one well-formed request and forwards it normalized;
     // it must arrive exactly once, with nothing smuggled behind it.
@@ -321,6 +385,16 @@ async fn http1_smuggling_is_refused_and_nothing_reaches_the_upstream() {
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "bare LF: got {resp:?}");
 
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tern_http_rejected_total",
+            "reason=\"ambiguous_framing\""
+        ),
+        3.0,
+        "{metrics}"
+    );
     let after = proxy.rss().await;
     let ok = benign.finish("smuggling").await;
     eprintln!("[smuggling] RSS before {before} after {after}");
@@ -635,6 +709,349 @@ async fn forged_client_id_from_a_plain_client_never_reaches_the_app() {
     assert!(
         seen.is_empty(),
         "forged identities reached the app: {seen:?}"
+    );
+    proxy.stop().await;
+}
+
+// --- request hygiene, upgrades, limits ------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_hygiene_host_upgrade_and_hop_by_hop() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let benign = Benign::start(proxy.outbound());
+    let before = proxy.rss().await;
+    let refused: Vec<(&str, String, &str)> = vec![
+        (
+            "missing Host",
+            "GET /bad HTTP/1.1\r\nX-A: 1\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "duplicate Host",
+            "GET /bad HTTP/1.1\r\nHost: u\r\nHost: evil\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "absolute-form disagreeing with Host",
+            "GET http://evil/bad HTTP/1.1\r\nHost: u\r\n\r\n".into(),
+            "HTTP/1.1 400",
+        ),
+        (
+            "URI too long",
+            format!("GET /bad?{} HTTP/1.1\r\nHost: u\r\n\r\n", "a".repeat(9000)),
+            "HTTP/1.1 414",
+        ),
+        (
+            "too many headers",
+            format!(
+                "GET /bad HTTP/1.1\r\nHost: u\r\n{}\r\n",
+                (0..150)
+                    .map(|i| format!("X-{i}: 1\r\n"))
+                    .collect::<String>()
+            ),
+            "HTTP/1.1 431",
+        ),
+    ];
+    for (name, payload, want) in &refused {
+        let (resp, closed) = exchange(proxy.outbound(), payload.as_bytes()).await;
+        eprintln!("[hygiene] {name}: {:?}", resp.lines().next().unwrap_or(""));
+        assert!(resp.starts_with(want), "{name}: got {resp:?}");
+        assert!(closed, "{name}: the connection stayed open");
+    }
+    // Accepted, cleaned: HTTP/1.0 needs no Host; an h2c upgrade is dropped (served as
+    // HTTP/1.1); headers named in Connection never reach the upstream.
+    for (name, payload) in [
+        ("HTTP/1.0 without Host", "GET /good HTTP/1.0\r\n\r\n"),
+        (
+            "Upgrade: h2c",
+            "GET /good HTTP/1.1\r\nHost: u\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\r\n",
+        ),
+        (
+            "hop-by-hop named in Connection",
+            "GET /good HTTP/1.1\r\nHost: u\r\nConnection: x-secret, close\r\nX-Secret: 1\r\n\r\n",
+        ),
+        (
+            "absolute-form agreeing with Host",
+            "GET http://u:80/good HTTP/1.1\r\nHost: u\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        let (resp, _) = exchange(proxy.outbound(), payload.as_bytes()).await;
+        eprintln!("[hygiene] {name}: {:?}", resp.lines().next().unwrap_or(""));
+        assert!(
+            resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"),
+            "{name}: got {resp:?}"
+        );
+    }
+    let metrics = proxy.metrics().await;
+    let after = proxy.rss().await;
+    let ok = benign.finish("hygiene").await;
+    eprintln!("[hygiene] RSS before {before} after {after}");
+    assert_eq!(
+        up.count("/bad"),
+        0,
+        "a refused request reached the upstream"
+    );
+    assert_eq!(up.count("/good"), 4);
+    assert_eq!(up.total.load(Ordering::SeqCst), ok + 4);
+    let names = up.header_names.lock().expect("lock").clone();
+    for forbidden in ["upgrade", "http2-settings", "x-secret", "connection"] {
+        assert!(
+            !names.iter().any(|n| n == forbidden),
+            "{forbidden} reached the upstream: {names:?}"
+        );
+    }
+    for (label, want) in [
+        ("reason=\"missing_host\"", 1.0),
+        ("reason=\"duplicate_host\"", 1.0),
+        ("reason=\"host_mismatch\"", 1.0),
+        ("reason=\"h2c_upgrade\"", 1.0),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, "tern_http_rejected_total", label),
+            want,
+            "{label}: {metrics}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"uri_length\""
+        ),
+        1.0
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"header_count\""
+        ) >= 1.0
+    );
+    proxy.stop().await;
+}
+
+/// Reads one HTTP/1 response head (bounded).
+async fn read_head(rd: &mut tokio::net::tcp::OwnedReadHalf) -> String {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, async {
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            match rd.read(&mut b).await {
+                Ok(1) => got.push(b[0]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_client_id_via_upgrades_and_long_methods_never_reaches_the_app() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let inbound = proxy.addrs.inbound;
+    let benign = Benign::start(proxy.outbound());
+    let forged = "tern-client-id: spiffe://cluster.local/ns/kube-system/sa/admin";
+    // An upgrade the app declines, then a second request on the same connection: both heads
+    // are parsed and cleaned (they used to travel as opaque bytes).
+    let s = TcpStream::connect(inbound).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(
+        format!("GET /forged HTTP/1.1\r\nHost: u\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{forged}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("upgrade request");
+    let head = read_head(&mut rd).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "declined upgrade: {head:?}"
+    );
+    let mut body = [0u8; 2];
+    rd.read_exact(&mut body).await.expect("body");
+    wr.write_all(format!("GET /forged HTTP/1.1\r\nHost: u\r\n{forged}\r\n\r\n").as_bytes())
+        .await
+        .expect("second request");
+    let head = read_head(&mut rd).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "second request: {head:?}");
+    drop((rd, wr));
+
+    // A method longer than detection's 20-byte cap.
+    let (resp, _) = exchange(
+        inbound,
+        format!(
+            "{} /forged HTTP/1.1\r\nHost: u\r\n{forged}\r\nConnection: close\r\n\r\n",
+            "PROPFINDEXTENDEDLONGMETHOD"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "long method: {resp:?}");
+
+    // An upgrade the app accepts: 101, then bytes flow both ways, and the head was cleaned.
+    let s = TcpStream::connect(inbound).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(
+        format!("GET /ws HTTP/1.1\r\nHost: u\r\nUpgrade: echo\r\nConnection: Upgrade\r\n{forged}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("upgrade");
+    let head = read_head(&mut rd).await;
+    assert!(
+        head.starts_with("HTTP/1.1 101"),
+        "accepted upgrade: {head:?}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    wr.write_all(b"ping").await.expect("tunnel write");
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(DEADLINE, rd.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(&echo, b"ping");
+    drop((rd, wr));
+
+    benign.finish("forged id via upgrade").await;
+    assert_eq!(up.count("/forged"), 3);
+    assert_eq!(up.count("/ws"), 1);
+    let seen = up.client_ids.lock().expect("lock").clone();
+    assert!(
+        seen.is_empty(),
+        "forged identities reached the app: {seen:?}"
+    );
+    proxy.stop().await;
+}
+
+/// Sends one HTTP/1 request on a fresh connection; the status, or 0 when the connection closed.
+async fn status_of(entry: SocketAddr, path: &str) -> u16 {
+    let Ok(s) = TcpStream::connect(entry).await else {
+        return 0;
+    };
+    let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
+        return 0;
+    };
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "u")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    match tokio::time::timeout(DEADLINE, tx.send_request(req)).await {
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            status
+        }
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_and_stalled_bodies_end() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start_with(up_addr, |c| {
+        c.max_in_flight_requests = 2;
+        c.request_body_idle_timeout = Duration::from_secs(1);
+    });
+    let entry = proxy.outbound();
+    let before = proxy.rss().await;
+    // Two held requests fill the budget; the third is shed at once.
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(status_of(entry, "/hold")))
+        .collect();
+    for _ in 0..200 {
+        if up.in_flight.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = TcpStream::connect(entry).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"GET /shed HTTP/1.1\r\nHost: u\r\n\r\n")
+        .await
+        .expect("request");
+    let head = read_head(&mut rd).await;
+    eprintln!("[overload] third request: {:?}", head.lines().next());
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("tern-proxy-error: overloaded"), "{head}");
+    for h in held {
+        assert_eq!(h.await.expect("join"), 200, "held requests complete");
+    }
+    assert_eq!(up.count("/shed"), 0);
+
+    // A body that stops mid-way: ended after the idle timeout; the upstream never sees a
+    // complete body, the client gets 408 or a closed connection.
+    let s = TcpStream::connect(entry).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(b"POST /stall HTTP/1.1\r\nHost: u\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .expect("partial body");
+    let head = read_head(&mut rd).await;
+    eprintln!("[stall] {:?}", head.lines().next());
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 408"),
+        "stalled body: {head:?}"
+    );
+    drop(wr);
+    let after = proxy.rss().await;
+    let metrics = proxy.metrics().await;
+    eprintln!("[overload] RSS before {before} after {after}");
+    assert_eq!(
+        up.bodies_ok
+            .lock()
+            .expect("lock")
+            .get("/stall")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "a truncated body reached the upstream as a success"
+    );
+    assert!(metric_value(&metrics, "tern_limit_exceeded_total", "limit=\"in_flight\"") >= 1.0);
+    assert!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"body_idle_timeout\""
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // The budget is free again.
+    assert_eq!(status_of(entry, "/after").await, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_in_detection_count_against_the_connection_limit() {
+    let (up_addr, _up) = Upstream::start().await;
+    let proxy = Running::start_with(up_addr, |c| {
+        c.max_connections = 2;
+        c.detect_timeout = Duration::from_secs(30);
+    });
+    let entry = proxy.outbound();
+    let _silent1 = TcpStream::connect(entry).await.expect("silent 1");
+    let _silent2 = TcpStream::connect(entry).await.expect("silent 2");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = TcpStream::connect(entry).await.expect("connect");
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(DEADLINE, over.read(&mut b))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the third connection is closed");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"connections\""
+        ),
+        1.0,
+        "{metrics}"
     );
     proxy.stop().await;
 }
