@@ -54,6 +54,9 @@ pub enum Limit {
     h2_flood,
     /// `--h2-keep-alive-timeout`: a peer that stopped answering PINGs.
     h2_keep_alive,
+    /// An HTTP/2 client that cancelled too many forwarded requests (slow rapid reset): the
+    /// connection is closed with GOAWAY.
+    premature_resets,
 }
 
 /// Label values of `tern_http_rejected_total{reason}`.

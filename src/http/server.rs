@@ -43,6 +43,13 @@ const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 100;
 /// Response bytes h2 buffers per stream for a slow reader.
 const MAX_SEND_BUF_SIZE: usize = 256 * 1024;
+/// Requests an HTTP/2 client may cancel (RST_STREAM) after they were forwarded, before the
+/// connection is closed, when they are also at least half of its requests: the slow variant
+/// of rapid reset, where each cheap reset costs the upstream a whole request (Envoy's
+/// premature-reset limit). h2's own limit only counts resets before a stream is accepted.
+const MAX_PREMATURE_RESETS: usize = 100;
+/// How long an abusive connection's GOAWAY may take before the connection is dropped.
+const ABUSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Serves `io` as `version` with `svc` until the client closes, within `limits`.
 pub async fn serve<IO, S>(
@@ -60,10 +67,12 @@ where
     S::Future: Send + 'static,
 {
     let (active, mut idle) = tokio::sync::watch::channel(0usize);
+    let resets = std::sync::Arc::new(Resets::default());
     let hygiene = Hygiene {
         inner: svc,
         limits: limits.clone(),
         active: std::sync::Arc::new(active),
+        resets: resets.clone(),
     };
     let svc = TowerToHyperService::new(hygiene);
     let result = match version {
@@ -107,13 +116,26 @@ where
                 }
             };
             tokio::pin!(idle_for_too_long);
-            // Cancellation safe: the connection future is pinned and polled again below.
+            // Cancellation safe: the connection future is pinned and polled again below;
+            // `notified` holds no data.
             tokio::select! {
                 r = conn.as_mut() => r,
                 () = &mut idle_for_too_long => {
                     limits.exceeded(Limit::idle_timeout);
                     conn.as_mut().graceful_shutdown();
                     conn.await
+                }
+                () = resets.abuse.notified() => {
+                    tracing::info!("client reset too many forwarded requests; closing the connection");
+                    limits.exceeded(Limit::premature_resets);
+                    // GOAWAY; new streams are refused by `Hygiene` at once. An attacker need
+                    // not answer the shutdown's PING, so the connection is dropped after a
+                    // short grace.
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(ABUSE_GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
                 }
             }
         }
@@ -158,6 +180,42 @@ struct Hygiene<S> {
     limits: ServerLimits,
     /// Requests open on this connection (HTTP/2 idle timeout).
     active: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
+    /// Requests the client cancelled (slow rapid reset).
+    resets: std::sync::Arc<Resets>,
+}
+
+/// Per connection: requests seen, and those the client cancelled before their response.
+#[derive(Default)]
+struct Resets {
+    total: std::sync::atomic::AtomicUsize,
+    cancelled: std::sync::atomic::AtomicUsize,
+    tripped: std::sync::atomic::AtomicBool,
+    abuse: tokio::sync::Notify,
+}
+
+/// Counts a request as cancelled when its response future is dropped before it completes.
+struct Armed(Option<std::sync::Arc<Resets>>);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(r) = self.0.take() {
+            let cancelled = r.cancelled.fetch_add(1, Relaxed) + 1;
+            if cancelled >= MAX_PREMATURE_RESETS
+                && cancelled * 2 >= r.total.load(Relaxed)
+                && !r.tripped.swap(true, Relaxed)
+            {
+                r.abuse.notify_one();
+            }
+        }
+    }
+}
+
+impl Armed {
+    /// The response future completed: not a cancellation.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
 }
 
 /// Decrements the connection's open-request count when the response body is done.
@@ -188,6 +246,16 @@ where
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let limits = self.limits.clone();
         let grpc = super::is_grpc(req.headers());
+        if self
+            .resets
+            .tripped
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Box::pin(std::future::ready(Ok(rescue::response(
+                ProxyError::overloaded,
+                grpc,
+            ))));
+        }
         if let Err((status, why)) = check(&mut req, &limits) {
             return Box::pin(std::future::ready(Ok(refusal(status, why))));
         }
@@ -210,7 +278,12 @@ where
         // not an async block: rustc cannot prove such a block `Send` for every lifetime of the
         // boxed error inside `BoxBody`.
         let held = (permit, open);
+        self.resets
+            .total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let armed = Armed(Some(self.resets.clone()));
         Box::pin(futures_util::FutureExt::map(inner.call(req), move |r| {
+            armed.disarm();
             r.map(move |resp| {
                 resp.map(move |body| {
                     body.map_frame(move |f| {
