@@ -1439,3 +1439,144 @@ async fn h2_slow_rapid_reset_does_not_amplify_upstream() {
     );
     proxy.stop().await;
 }
+
+// --- faults ---------------------------------------------------------------------------------
+
+/// An h2c upstream whose responses announce 100 bytes, send 10, then fail (RST_STREAM).
+async fn failing_h2_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                    let frames: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> = vec![
+                        Ok(hyper::body::Frame::data(Bytes::from_static(b"0123456789"))),
+                        Err(std::io::Error::other("upstream died")),
+                    ];
+                    // The failure comes after the head and the first bytes were sent.
+                    let frames = futures_util::StreamExt::then(
+                        futures_util::stream::iter(frames),
+                        |f| async move {
+                            if f.is_err() {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            f
+                        },
+                    );
+                    let body = http_body_util::StreamBody::new(frames);
+                    let mut r = Response::new(body);
+                    r.headers_mut()
+                        .insert("content-length", "100".parse().expect("value"));
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that answers every request with `response` (a head and part of a body), then
+/// dies.
+async fn dying_upstream(response: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(response).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Dies: a reset, not a clean end.
+                let _ = s.set_linger(Some(Duration::ZERO));
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_dying_mid_response_is_never_a_truncated_success() {
+    for (name, response) in [
+        (
+            "content-length",
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"[..],
+        ),
+        (
+            "chunked",
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n"[..],
+        ),
+    ] {
+        let up = dying_upstream(response).await;
+        let proxy = Running::start(up);
+        // HTTP/1 client: the body must fail, never end cleanly.
+        let s = TcpStream::connect(proxy.outbound()).await.expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get("/die")
+            .header("host", "u")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let outcome = tokio::time::timeout(DEADLINE, async {
+            let resp = tx.send_request(req).await?;
+            let status = resp.status();
+            resp.into_body()
+                .collect()
+                .await
+                .map(|b| (status, b.to_bytes().len()))
+        })
+        .await
+        .expect("an answer in time");
+        eprintln!("[dying upstream, {name}] HTTP/1 client: {outcome:?}");
+        assert!(
+            !matches!(outcome, Ok((s, _)) if s.is_success()),
+            "{name}: HTTP/1 got a truncated success"
+        );
+
+        drop(tx);
+        proxy.stop().await;
+        // HTTP/2 client, through to an h2c upstream whose response body fails after 10 bytes
+        // (the upstream resets the stream): the client's stream must be reset, never end with
+        // END_STREAM.
+        let proxy = Running::start(failing_h2_upstream().await);
+        let s = TcpStream::connect(proxy.outbound()).await.expect("connect");
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = Request::get("http://u/die")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let outcome = tokio::time::timeout(DEADLINE, async {
+            let resp = tx.send_request(req).await?;
+            let status = resp.status();
+            resp.into_body()
+                .collect()
+                .await
+                .map(|b| (status, b.to_bytes().len()))
+        })
+        .await
+        .expect("an answer in time");
+        eprintln!("[dying upstream, {name}] HTTP/2 client: {outcome:?}");
+        assert!(
+            !matches!(outcome, Ok((s, _)) if s.is_success()),
+            "{name}: HTTP/2 got a truncated success"
+        );
+        drop(tx);
+        proxy.stop().await;
+    }
+}
