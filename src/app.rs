@@ -264,7 +264,7 @@ impl Proxy {
         let limit = config.max_connections;
         let mut loops = vec![tokio::spawn(accept_loop(
             self.inbound_listener,
-            Pipeline::Inbound(self.inbound),
+            Pipeline::Inbound(self.inbound.clone()),
             limit,
             tracker.clone(),
         ))];
@@ -297,6 +297,10 @@ impl Proxy {
         for l in loops {
             l.abort();
         }
+        // Open HTTP connections finish their requests and close (HTTP/2 GOAWAY, HTTP/1
+        // `Connection: close`) instead of holding the proxy for the whole grace period.
+        self.inbound.server.shut_down();
+        self.outbound.metrics.limits.shut_down();
         for b in background {
             b.abort();
         }

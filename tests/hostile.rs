@@ -1579,3 +1579,75 @@ async fn an_upstream_dying_mid_response_is_never_a_truncated_success() {
         proxy.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_completes_in_flight_requests_and_closes_idle_connections() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start_with(up_addr, |c| {
+        c.shutdown_grace_period = Duration::from_secs(120);
+    });
+    let entry = proxy.outbound();
+    // An idle HTTP/1 keep-alive connection that already served a request.
+    let idle = TcpStream::connect(entry).await.expect("connect");
+    let (mut idle_rd, mut idle_wr) = idle.into_split();
+    idle_wr
+        .write_all(b"GET /ok HTTP/1.1\r\nHost: u\r\n\r\n")
+        .await
+        .expect("request");
+    assert!(read_head(&mut idle_rd).await.starts_with("HTTP/1.1 200"));
+    let mut ok = [0u8; 2];
+    idle_rd.read_exact(&mut ok).await.expect("body");
+    // In-flight requests: HTTP/1 and HTTP/2, each held 3 s by the upstream.
+    let h1 = tokio::spawn(status_of(entry, "/hold"));
+    let s = TcpStream::connect(entry).await.expect("connect");
+    let (mut h2tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let h2 = tokio::spawn(async move {
+        let req = Request::get("http://u/hold")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = h2tx.send_request(req).await.expect("h2 response");
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.expect("h2 body");
+        status
+    });
+    for _ in 0..300 {
+        if up.in_flight.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.in_flight.load(Ordering::SeqCst),
+        2,
+        "both requests in flight"
+    );
+    let Running { drain, task, .. } = proxy;
+    drain.start();
+    assert_eq!(
+        h1.await.expect("join"),
+        200,
+        "the HTTP/1 request in flight completed"
+    );
+    assert_eq!(
+        h2.await.expect("join"),
+        200,
+        "the HTTP/2 stream in flight completed"
+    );
+    let mut b = [0u8; 1];
+    let closed = tokio::time::timeout(DEADLINE, idle_rd.read(&mut b)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the idle keep-alive connection was not closed: {closed:?}"
+    );
+    // Well within the 120 s grace period: nothing is left holding the proxy open.
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("the proxy finished draining before the grace period")
+        .expect("join")
+        .expect("clean run");
+    drop(idle_wr);
+}

@@ -147,6 +147,8 @@ pub struct ServerLimits {
     pub max_in_flight: usize,
     in_flight: Arc<Semaphore>,
     pub metrics: LimitMetrics,
+    /// Set when the proxy drains: HTTP connections finish their requests and close.
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ServerLimits {
@@ -166,7 +168,21 @@ impl ServerLimits {
             max_in_flight: config.max_in_flight_requests,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             metrics,
+            shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Starts the graceful shutdown of every HTTP connection of this direction: HTTP/1 closes
+    /// after the request in progress (`Connection: close`), HTTP/2 sends GOAWAY and finishes
+    /// its open streams.
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once [`ServerLimits::shut_down`] was called.
+    pub async fn shutting_down(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|down| *down).await;
     }
 
     /// A slot for one in-flight request, or `None` (counted) when the direction is saturated.

@@ -78,15 +78,23 @@ where
     let result = match version {
         HttpVersion::H1 => {
             let io = TokioIo::new(H1Guard::new(io, limits.clone()));
-            hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_head_bytes.max(8192))
                 .max_headers(limits.max_headers)
                 .preserve_header_case(true)
                 .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            tokio::pin!(conn);
+            // Cancellation safe: the connection future is pinned and polled again below.
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = limits.shutting_down() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
         HttpVersion::H2 => {
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -122,6 +130,10 @@ where
                 r = conn.as_mut() => r,
                 () = &mut idle_for_too_long => {
                     limits.exceeded(Limit::idle_timeout);
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = limits.shutting_down() => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
