@@ -326,6 +326,10 @@ impl Proxy {
     }
 }
 
+/// First and longest pause after a failed `accept` (out of file descriptors or memory).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts connections until aborted; each connection becomes a task on `tracker`.
 async fn accept_loop(
     listener: TcpListener,
@@ -335,13 +339,24 @@ async fn accept_loop(
 ) {
     let limit = Arc::new(Semaphore::new(limit));
     let direction = pipeline.direction();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                c
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning, then keep serving.
-                tracing::warn!(error = %e, ?direction, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // EMFILE and friends: the pending connection stays queued; back off (doubling,
+                // up to 1 s) instead of spinning, and keep serving once descriptors free up.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(error = %e, ?direction, "accept failed; backing off");
+                }
+                pipeline
+                    .limits()
+                    .exceeded(crate::http::limits::Limit::accept_errors);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };

@@ -1651,3 +1651,146 @@ async fn drain_completes_in_flight_requests_and_closes_idle_connections() {
         .expect("clean run");
     drop(idle_wr);
 }
+
+/// CPU time (user + system, clock ticks) a process used so far, from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are 12 and 13 after the command name.
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Kills the subprocess proxy when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fd_exhaustion_degrades_gracefully_and_recovers() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "prlimit (util-linux) is missing"
+        );
+        eprintln!("!!! SKIPPED: prlimit (util-linux) is not installed");
+        return;
+    }
+    let (up_addr, up) = Upstream::start().await;
+    let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+    let child = std::process::Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(env!("CARGO_BIN_EXE_tern"))
+        .args(["--log", "warn", "proxy"])
+        .args(["--inbound-addr", &format!("127.0.0.1:{inbound}")])
+        .args(["--outbound-addrs", &format!("127.0.0.1:{outbound}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--outbound-target", &up_addr.to_string()])
+        .args(["--inbound-target", &up_addr.to_string()])
+        .args(["--detect-timeout", "60s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tern under prlimit");
+    let mut child = Child(child);
+    let pid = child.0.id();
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
+    let entry: SocketAddr = format!("127.0.0.1:{outbound}").parse().expect("addr");
+    let mut ready = false;
+    for _ in 0..200 {
+        if matches!(http_get(admin_addr, "/ready").await, Ok((200, _))) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the proxy never became ready");
+    assert_eq!(status_of(entry, "/before").await, 200);
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let before = rss(pid);
+    // Far more silent connections than descriptors: the kernel queues what tern cannot accept.
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        match TcpStream::connect(entry).await {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu0 = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = cpu_ticks(pid) - cpu0;
+    let during = rss(pid);
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "the proxy died when it ran out of descriptors"
+    );
+    // A busy accept loop would burn ~300 ticks (3 s of CPU) here.
+    assert!(
+        cpu < 100,
+        "{cpu} clock ticks of CPU in 3 s: a busy accept loop"
+    );
+    drop(held);
+    // Recovers: once descriptors free up, new requests are served.
+    let mut recovered = 0;
+    for _ in 0..100 {
+        if status_of(entry, "/after").await == 200 {
+            recovered += 1;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = http_get(admin_addr, "/metrics").await.expect("metrics").1;
+    eprintln!(
+        "[fd exhaustion] {} held; CPU {cpu} ticks in 3 s; {before} / {during}; accept errors {}",
+        150,
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"accept_errors\""
+        )
+    );
+    assert_eq!(
+        recovered, 1,
+        "the proxy did not recover after descriptors were freed"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"accept_errors\""
+        ) >= 1.0
+    );
+    assert_eq!(up.count("/after"), 1);
+    drop(child);
+}

@@ -57,6 +57,8 @@ pub enum Limit {
     /// An HTTP/2 client that cancelled too many forwarded requests (slow rapid reset): the
     /// connection is closed with GOAWAY.
     premature_resets,
+    /// `accept` failed (out of file descriptors, `ulimit -n`): the listener backs off.
+    accept_errors,
 }
 
 /// Label values of `tern_http_rejected_total{reason}`.
