@@ -192,7 +192,7 @@ impl Running {
 /// A well-behaved HTTP/1 client sending `GET /ok` over one keep-alive connection until stopped.
 struct Benign {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(usize, usize)>,
+    task: tokio::task::JoinHandle<(usize, usize, Vec<Duration>)>,
 }
 
 impl Benign {
@@ -201,6 +201,7 @@ impl Benign {
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let (mut ok, mut failed) = (0, 0);
+            let mut latencies = Vec::new();
             let mut sender = None;
             // Bounded: stops when told, or after 100k requests.
             for _ in 0..100_000 {
@@ -220,6 +221,7 @@ impl Benign {
                     .header("host", "upstream")
                     .body(Empty::<Bytes>::new())
                     .expect("request");
+                let sent = std::time::Instant::now();
                 let answer = tokio::time::timeout(DEADLINE, async {
                     let resp = tx.send_request(req).await?;
                     let status = resp.status();
@@ -227,6 +229,7 @@ impl Benign {
                     Ok::<_, hyper::Error>(status)
                 })
                 .await;
+                latencies.push(sent.elapsed());
                 match answer {
                     Ok(Ok(s)) if s.is_success() => ok += 1,
                     _ => {
@@ -236,7 +239,7 @@ impl Benign {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (ok, failed)
+            (ok, failed, latencies)
         });
         Benign { stop, task }
     }
@@ -244,8 +247,19 @@ impl Benign {
     /// Stops and asserts every benign request succeeded; returns how many did.
     async fn finish(self, case: &str) -> usize {
         self.stop.store(true, Ordering::SeqCst);
-        let (ok, failed) = self.task.await.expect("benign join");
-        eprintln!("[{case}] benign client: {ok} ok, {failed} failed");
+        let (ok, failed, mut latencies) = self.task.await.expect("benign join");
+        latencies.sort();
+        let pct = |p: usize| {
+            latencies
+                .get((latencies.len() * p / 100).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "[{case}] benign client: {ok} ok, {failed} failed; p50 {:?} p99 {:?}",
+            pct(50),
+            pct(99)
+        );
         assert!(ok > 0, "{case}: the benign client got no answers");
         assert_eq!(
             failed, 0,
@@ -1793,4 +1807,66 @@ async fn fd_exhaustion_degrades_gracefully_and_recovers() {
     );
     assert_eq!(up.count("/after"), 1);
     drop(child);
+}
+
+/// Prints the benign client's latency without and then during a mix of attacks on the same
+/// proxy (rapid reset, CONTINUATION flood, HPACK bomb, CL+TE smuggling), for the notes. Asserts
+/// only that every benign request succeeded: no timing assertions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn benign_latency_with_and_without_attacks() {
+    let (up_addr, _up) = Upstream::start().await;
+    let proxy = Running::start(up_addr);
+    let entry = proxy.outbound();
+    let before = proxy.rss().await;
+    let benign = Benign::start(entry);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    benign.finish("latency, no attack").await;
+    let benign = Benign::start(entry);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let attacker = tokio::spawn(async move {
+        let mut rounds = 0;
+        while !flag.load(Ordering::SeqCst) && rounds < 1000 {
+            rounds += 1;
+            let resets = (0..10u32).map(|b| {
+                (0..100u32)
+                    .flat_map(|i| {
+                        let id = 1 + 2 * (b * 100 + i);
+                        let mut f = get_headers(id, "/reset", true);
+                        f.extend(frame(0x3, 0, id, &0x8u32.to_be_bytes()));
+                        f
+                    })
+                    .collect::<Vec<u8>>()
+            });
+            h2_attack(entry, resets, Duration::from_secs(2)).await;
+            let cont = std::iter::once(frame(0x1, 0x1, 1, &request_block("/cont", false))).chain(
+                (0..500)
+                    .map(|i| frame(0x9, 0, 1, &literal(&format!("x-{i}"), &[b'v'; 100], false))),
+            );
+            h2_attack(entry, cont, Duration::from_secs(2)).await;
+            let mut bomb = request_block("/bomb", false);
+            bomb.extend(literal("x-bomb", &[b'b'; 4000], true));
+            bomb.extend(std::iter::repeat_n(0x80 | 62, 2000));
+            h2_attack(
+                entry,
+                std::iter::once(frame(0x1, 0x5, 1, &bomb)),
+                Duration::from_secs(2),
+            )
+            .await;
+            exchange(
+                entry,
+                b"POST /clte HTTP/1.1\r\nHost: u\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            )
+            .await;
+        }
+        rounds
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    benign.finish("latency, under attack").await;
+    let rounds = attacker.await.expect("attacker");
+    let after = proxy.rss().await;
+    eprintln!("[latency] {rounds} attack rounds; RSS before {before} after {after}");
+    assert!(rounds > 0);
+    proxy.stop().await;
 }
