@@ -1870,3 +1870,26 @@ async fn benign_latency_with_and_without_attacks() {
     assert!(rounds > 0);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_h2_connections_get_goaway() {
+    let (up_addr, _up) = Upstream::start().await;
+    let proxy = Running::start_with(up_addr, |c| {
+        c.http_idle_timeout = Duration::from_secs(1);
+    });
+    // One request, then silence: the proxy ends the connection with GOAWAY(NO_ERROR).
+    let batches = std::iter::once(get_headers(1, "/ok", true));
+    let o = h2_attack(proxy.outbound(), batches, DEADLINE).await;
+    let metrics = proxy.metrics().await;
+    assert!(o.closed, "the idle connection stayed open");
+    assert!(o.goaways.contains(&0), "GOAWAY {:?}", o.goaways);
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"idle_timeout\""
+        ),
+        1.0
+    );
+    proxy.stop().await;
+}

@@ -48,6 +48,8 @@ const MAX_SEND_BUF_SIZE: usize = 256 * 1024;
 /// of rapid reset, where each cheap reset costs the upstream a whole request (Envoy's
 /// premature-reset limit). h2's own limit only counts resets before a stream is accepted.
 const MAX_PREMATURE_RESETS: usize = 100;
+/// How long an idle connection's GOAWAY may take before the connection is dropped.
+const IDLE_GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long an abusive connection's GOAWAY may take before the connection is dropped.
 const ABUSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -130,8 +132,13 @@ where
                 r = conn.as_mut() => r,
                 () = &mut idle_for_too_long => {
                     limits.exceeded(Limit::idle_timeout);
+                    // GOAWAY; a peer that does not answer the shutdown's PING is dropped (it
+                    // has no open stream to lose).
                     conn.as_mut().graceful_shutdown();
-                    conn.await
+                    match tokio::time::timeout(IDLE_GOAWAY_GRACE, conn).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
                 }
                 () = limits.shutting_down() => {
                     conn.as_mut().graceful_shutdown();
