@@ -1893,3 +1893,45 @@ async fn idle_h2_connections_get_goaway() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_to_the_mesh_port_never_reaches_the_app() {
+    let (up_addr, up) = Upstream::start().await;
+    // Transparent mode on loopback: a connection without an original destination is a mesh
+    // connection, which must be mTLS.
+    let ca = tern::tls::mint::TestCa::new("cluster.local").expect("ca");
+    let issued = ca
+        .issue(
+            &"spiffe://cluster.local/ns/shop/sa/web".parse().expect("id"),
+            Duration::from_secs(3600),
+        )
+        .expect("issue");
+    let mut config = ProxyConfig::loopback();
+    config.outbound_target = TargetMode::Fixed(up_addr);
+    let proxy = Proxy::bind_with_identity(config, Some(issued.identity().expect("identity")))
+        .expect("bind");
+    let addrs = proxy.addrs().expect("addrs");
+    let (drain, watch) = Drain::new();
+    let task = tokio::spawn(proxy.run(drain.clone(), watch));
+    let running = Running { addrs, drain, task };
+    let forged = "tern-client-id: spiffe://cluster.local/ns/kube-system/sa/admin";
+    let (resp, closed) = exchange(
+        running.addrs.inbound,
+        format!("GET /plain HTTP/1.1\r\nHost: u\r\n{forged}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let metrics = running.metrics().await;
+    assert!(closed, "the plaintext connection stayed open");
+    assert!(!resp.contains("HTTP/1.1 200"), "answered: {resp:?}");
+    assert_eq!(
+        up.total.load(Ordering::SeqCst),
+        0,
+        "plaintext reached the app"
+    );
+    assert_eq!(
+        metric_value(&metrics, "tern_mesh_handshake_failures_total", "inbound"),
+        1.0,
+        "{metrics}"
+    );
+    running.stop().await;
+}
