@@ -76,6 +76,13 @@ impl Pipeline {
         }
     }
 
+    fn limits(&self) -> &crate::http::limits::ServerLimits {
+        match self {
+            Pipeline::Inbound(i) => &i.server,
+            Pipeline::Outbound(o) => &o.metrics.limits,
+        }
+    }
+
     async fn serve(self, stream: TcpStream, client: ClientAddr) {
         match self {
             Pipeline::Inbound(i) => i.serve(stream, client).await,
@@ -105,6 +112,7 @@ impl Proxy {
         let detect_metrics = crate::detect::DetectMetrics::register(tern);
         let http_metrics = crate::layers::http_metrics::HttpMetrics::register(tern);
         let identity_metrics = IdentityMetrics::register(tern);
+        let limit_metrics = crate::http::limits::LimitMetrics::register(tern);
         let identity = match (identity, &config.identity_dir) {
             (Some(id), _) => Some(IdentityStore::new(
                 id,
@@ -169,15 +177,16 @@ impl Proxy {
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
 
-        let inbound_listener = listen::bind(config.inbound_addr)
+        let inbound_listener = listen::bind(config.inbound_addr, config.listen_backlog)
             .with_context(|| format!("binding the inbound listener on {}", config.inbound_addr))?;
-        let outbound_listeners = listen::bind_all(&config.outbound_addrs).with_context(|| {
-            format!(
-                "binding the outbound listeners on {:?}",
-                config.outbound_addrs
-            )
-        })?;
-        let admin = listen::bind(config.admin_addr)
+        let outbound_listeners = listen::bind_all(&config.outbound_addrs, config.listen_backlog)
+            .with_context(|| {
+                format!(
+                    "binding the outbound listeners on {:?}",
+                    config.outbound_addrs
+                )
+            })?;
+        let admin = listen::bind(config.admin_addr, crate::transport::listen::BACKLOG)
             .and_then(|l| l.into_std())
             .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
 
@@ -198,6 +207,11 @@ impl Proxy {
             identity: identity.clone(),
             mesh_port,
             own_ports: own_ports.clone(),
+            server: crate::http::limits::ServerLimits::new(
+                &config,
+                Direction::inbound,
+                limit_metrics.clone(),
+            ),
         });
         own_ports.push(mesh_port);
         let outbound = Arc::new(
@@ -210,6 +224,11 @@ impl Proxy {
                     balance: crate::layers::balance::BalanceMetrics::register(tern),
                     breaker: crate::layers::breaker::BreakerMetrics::register(tern),
                     retry: crate::layers::retry::RetryMetrics::register(tern),
+                    limits: crate::http::limits::ServerLimits::new(
+                        &config,
+                        Direction::outbound,
+                        limit_metrics.clone(),
+                    ),
                 },
                 outbound_discovery,
                 identity
@@ -298,7 +317,7 @@ impl Proxy {
         let limit = config.max_connections;
         let mut loops = vec![tokio::spawn(accept_loop(
             self.inbound_listener,
-            Pipeline::Inbound(self.inbound),
+            Pipeline::Inbound(self.inbound.clone()),
             limit,
             tracker.clone(),
         ))];
@@ -331,6 +350,10 @@ impl Proxy {
         for l in loops {
             l.abort();
         }
+        // Open HTTP connections finish their requests and close (HTTP/2 GOAWAY, HTTP/1
+        // `Connection: close`) instead of holding the proxy for the whole grace period.
+        self.inbound.server.shut_down();
+        self.outbound.metrics.limits.shut_down();
         for b in background {
             b.abort();
         }
@@ -356,6 +379,10 @@ impl Proxy {
     }
 }
 
+/// First and longest pause after a failed `accept` (out of file descriptors or memory).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts connections until aborted; each connection becomes a task on `tracker`.
 async fn accept_loop(
     listener: TcpListener,
@@ -365,13 +392,24 @@ async fn accept_loop(
 ) {
     let limit = Arc::new(Semaphore::new(limit));
     let direction = pipeline.direction();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                c
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning, then keep serving.
-                tracing::warn!(error = %e, ?direction, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // EMFILE and friends: the pending connection stays queued; back off (doubling,
+                // up to 1 s) instead of spinning, and keep serving once descriptors free up.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(error = %e, ?direction, "accept failed; backing off");
+                }
+                pipeline
+                    .limits()
+                    .exceeded(crate::http::limits::Limit::accept_errors);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
@@ -379,6 +417,9 @@ async fn accept_loop(
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, ?direction, "connection limit reached; closing");
             pipeline.tcp().refused(direction, CloseReason::Limit);
+            pipeline
+                .limits()
+                .exceeded(crate::http::limits::Limit::connections);
             continue;
         };
         let span = tracing::info_span!("conn", dir = ?direction, client = %peer);

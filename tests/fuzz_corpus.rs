@@ -64,3 +64,8 @@ fn inject_corpus() {
 fn routes_corpus() {
     replay("routes", checks::routes);
 }
+
+#[test]
+fn mesh_wire_corpus() {
+    replay("mesh_wire", checks::mesh_wire);
+}

@@ -16,6 +16,8 @@
 //! | the service has routes, none matches | 404 | UNIMPLEMENTED (12) | `no_route` |
 //! | a route's per-attempt timeout (`backendRequest`), last attempt | 504 | DEADLINE_EXCEEDED | `attempt_timeout` |
 //! | a route's backend is unknown or every weight is 0 | 500 | UNAVAILABLE | `invalid_backend` |
+//! | `--max-in-flight-requests` reached (load shedding) | 503 | UNAVAILABLE | `overloaded` |
+//! | the request body stopped arriving (`--request-body-idle-timeout`) | 408 | DEADLINE_EXCEEDED | `body_timeout` |
 //!
 //! A connect timeout is a 504 for HTTP, and UNAVAILABLE for gRPC (the request never reached a
 //! server, so clients may retry it; DEADLINE_EXCEEDED is for request timeouts).
@@ -52,6 +54,8 @@ pub enum ProxyError {
     no_route,
     attempt_timeout,
     invalid_backend,
+    overloaded,
+    body_timeout,
 }
 
 impl ProxyError {
@@ -72,6 +76,8 @@ impl ProxyError {
             ProxyError::no_route => "no_route",
             ProxyError::attempt_timeout => "attempt_timeout",
             ProxyError::invalid_backend => "invalid_backend",
+            ProxyError::overloaded => "overloaded",
+            ProxyError::body_timeout => "body_timeout",
         }
     }
 
@@ -81,12 +87,15 @@ impl ProxyError {
             ProxyError::unauthorized | ProxyError::mtls_required => StatusCode::FORBIDDEN,
             ProxyError::r#loop => StatusCode::LOOP_DETECTED,
             ProxyError::bad_request => StatusCode::BAD_REQUEST,
-            ProxyError::circuit_open | ProxyError::no_endpoints => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::circuit_open | ProxyError::no_endpoints | ProxyError::overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::request_timeout | ProxyError::attempt_timeout => {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::no_route => StatusCode::NOT_FOUND,
             ProxyError::invalid_backend => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::body_timeout => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -95,7 +104,9 @@ impl ProxyError {
         match self {
             ProxyError::unauthorized | ProxyError::mtls_required => 7,
             ProxyError::bad_request => 13,
-            ProxyError::request_timeout | ProxyError::attempt_timeout => 4,
+            ProxyError::request_timeout
+            | ProxyError::attempt_timeout
+            | ProxyError::body_timeout => 4,
             ProxyError::no_route => 12,
             _ => 14,
         }
@@ -134,6 +145,9 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ProxyError {
         }
         if e.downcast_ref::<RequestTimeout>().is_some() {
             return ProxyError::request_timeout;
+        }
+        if e.downcast_ref::<super::limits::BodyIdleTimeout>().is_some() {
+            return ProxyError::body_timeout;
         }
         if e.downcast_ref::<NoEndpoints>().is_some() {
             return ProxyError::no_endpoints;

@@ -30,7 +30,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
@@ -112,7 +111,7 @@ pub async fn serve(
         });
     let conn = outbound.tcp.conn(conn_labels);
     let io = CountedIo::new(io, forward::counters(&conn));
-    let result = h::server::serve(io, version, svc).await;
+    let result = h::server::serve(io, version, svc, &outbound.metrics.limits).await;
     let result = result
         .map(|()| Transferred::default())
         .map_err(ConnError::Http);
@@ -298,7 +297,7 @@ struct ProxyHttp {
     rule_stacks: RuleStacks,
 }
 
-impl tower::Service<Request<Incoming>> for ProxyHttp {
+impl tower::Service<Request<BoxBody>> for ProxyHttp {
     type Response = Response<BoxBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
@@ -307,7 +306,7 @@ impl tower::Service<Request<Incoming>> for ProxyHttp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
             let grpc = h::is_grpc(req.headers());
@@ -319,11 +318,10 @@ impl tower::Service<Request<Incoming>> for ProxyHttp {
 }
 
 impl ProxyHttp {
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+    async fn forward(&self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
         if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
             return Ok(not_implemented());
         }
-        let mut req = req.map(h::boxed);
         h::strip_tern_headers(req.headers_mut());
         h::strip_hop_by_hop(req.headers_mut());
         if let Some(dst) = &self.dst {

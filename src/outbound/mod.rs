@@ -57,6 +57,8 @@ pub struct OutboundMetrics {
     pub balance: BalanceMetrics,
     pub breaker: BreakerMetrics,
     pub retry: RetryMetrics,
+    /// The app-facing HTTP server's limits and their counters (`crate::http::limits`).
+    pub limits: crate::http::limits::ServerLimits,
 }
 
 /// Bound on remembered not-meshed destinations; expired entries are pruned when it is reached.
