@@ -55,10 +55,25 @@ pub fn strip_tern_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one of the fixed hop-by-hop headers.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Transfer-Encoding`, `Upgrade`.
 /// Framing is re-done by hyper on the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none, or only `Connection`: one pass over the names finds out
+    // without hashing a name per removal.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -88,6 +103,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
+}
+
+/// `ip:port` as a header value (the `tern-target` value), without the formatting machinery
+/// for the common IPv4 case.
+pub fn socket_addr_value(addr: std::net::SocketAddr) -> http::HeaderValue {
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return http::HeaderValue::from_str(&addr.to_string())
+            .expect("a socket address is a valid header value");
+    };
+    let mut buf = [0u8; 21];
+    let mut n = 0;
+    let push_num = |buf: &mut [u8; 21], n: &mut usize, v: u32| {
+        let mut digits = [0u8; 5];
+        let mut len = 0;
+        let mut v = v;
+        loop {
+            digits[len] = b'0' + (v % 10) as u8;
+            len += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for d in digits[..len].iter().rev() {
+            buf[*n] = *d;
+            *n += 1;
+        }
+    };
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        push_num(&mut buf, &mut n, u32::from(octet));
+    }
+    buf[n] = b':';
+    n += 1;
+    push_num(&mut buf, &mut n, u32::from(v4.port()));
+    http::HeaderValue::from_bytes(&buf[..n]).expect("digits, dots and a colon")
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|...]`).
@@ -125,5 +179,23 @@ mod tests {
             h.get(header::TE).map(|v| v.as_bytes()),
             Some(&b"trailers"[..])
         );
+        let mut clean = HeaderMap::new();
+        clean.insert("x-app", "kept".parse().expect("value"));
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 1);
+    }
+
+    #[test]
+    fn socket_addr_values_match_display() {
+        for a in [
+            "0.0.0.0:0",
+            "198.18.0.2:8080",
+            "255.255.255.255:65535",
+            "10.0.12.1:443",
+            "[2001:db8::1]:80",
+        ] {
+            let addr: std::net::SocketAddr = a.parse().expect("address");
+            assert_eq!(socket_addr_value(addr).to_str().expect("ascii"), a);
+        }
     }
 }
