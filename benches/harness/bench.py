@@ -134,10 +134,10 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -631,6 +631,9 @@ def run_protocol(rec, rep, proto, sc: Scenario, extras: bool, warm=False):
         if not warm:
             for k, p in sc.procs.items():
                 rec.add(rep, proto, sc.name, "idle", "rss_kib", k, rss_kib(p.pid))
+                # the process's own memory: VmRSS minus the file-backed pages (binary and
+                # libraries, shared by every copy of the proxy on a node)
+                rec.add(rep, proto, sc.name, "idle", "rss_anon_kib", k, rss_kib(p.pid, "RssAnon"))
             if extras and proto == "http1" and sc.procs:
                 # idle CPU: no busy timers means ~0 ticks over a few idle seconds
                 t0 = {k: cpu_ticks(p.pid) for k, p in sc.procs.items()}

@@ -155,13 +155,14 @@ def render(rows, meta) -> str:
 
     # ---- memory
     L.append("## Memory (RSS, MiB, VmRSS from /proc/PID/status)\n")
-    L.append("| scenario | proxy | idle | max at 2k rps, 16 conns | max at 2k rps, 100 conns | "
+    L.append("| scenario | proxy | idle | idle, anonymous only (RssAnon) | max at 2k rps, 16 conns | max at 2k rps, 100 conns | "
              "1,000 open connections | 30 s after closing them |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|")
     for sc in scenarios:
         for role in roles_of(d, sc):
             idle = [v for (p, s, t, mt, r), vs in d.items() if s == sc and t == "idle" and mt == "rss_kib" and r == role for v in vs]
             cells = [fmt(idle, 1, 1 / 1024),
+                     fmt(d.get(("http1", sc, "idle", "rss_anon_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("http1", sc, "rate2000", "rss_max_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("http1", sc, "rate2000-c100", "rss_max_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("hold", sc, "hold", "rss_kib_1000_open", role), []), 1, 1 / 1024),
