@@ -690,6 +690,7 @@ def hold(rec, rep, sc, host, port):
     time.sleep(BURST_WAIT)
     for k, pr in sc.procs.items():
         rec.add(rep, "hold", sc.name, "hold", "rss_kib_after_burst", k, rss_kib(pr.pid))
+        rec.add(rep, "hold", sc.name, "hold", "rss_anon_kib_after_burst", k, rss_kib(pr.pid, "RssAnon"))
 
 
 def machine():
