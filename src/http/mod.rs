@@ -55,53 +55,74 @@ pub fn strip_tern_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether `name` is one of the fixed hop-by-hop headers.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+/// Which fixed hop-by-hop header `name` is, as a bit of [`strip_hop_by_hop`]'s set (0: none).
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        1
+    } else if name == header::TRANSFER_ENCODING {
+        2
+    } else if name == header::UPGRADE {
+        4
+    } else if name == header::TE {
+        8
+    } else if name.as_str() == "keep-alive" {
+        16
+    } else if name.as_str() == "proxy-connection" {
+        32
+    } else {
+        0
+    }
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Transfer-Encoding`, `Upgrade`.
 /// Framing is re-done by hyper on the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection`: one pass over the names finds out
-    // without hashing a name per removal.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds which are present; only those are removed (a removal
+    // hashes the name). Most requests carry none; most responses only `Connection: keep-alive`.
+    let present = headers.keys().fold(0, |set, n| set | hop_by_hop_bit(n));
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // Options, not header names (a `Keep-Alive` header is removed below anyway).
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
+    if present & 2 != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    if present & 4 != 0 {
+        headers.remove(header::UPGRADE);
+    }
+    if present & 16 != 0 {
+        headers.remove(HeaderName::from_static("keep-alive"));
+    }
+    if present & 32 != 0 {
+        headers.remove(HeaderName::from_static("proxy-connection"));
+    }
+    if present & 8 != 0 {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -183,6 +204,28 @@ mod tests {
         clean.insert("x-app", "kept".parse().expect("value"));
         strip_hop_by_hop(&mut clean);
         assert_eq!(clean.len(), 1);
+        // `Connection: keep-alive` alone (a typical response); `Connection` naming `TE` and an
+        // upgrade (both go, trailers included, as the header named them).
+        let mut resp = HeaderMap::new();
+        resp.insert(header::CONNECTION, "Keep-Alive".parse().expect("value"));
+        resp.insert("keep-alive", "timeout=5".parse().expect("value"));
+        resp.insert("x-app", "kept".parse().expect("value"));
+        strip_hop_by_hop(&mut resp);
+        assert_eq!(
+            resp.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["x-app"]
+        );
+        let mut named = HeaderMap::new();
+        named.insert(
+            header::CONNECTION,
+            "te, upgrade, close".parse().expect("value"),
+        );
+        named.insert(header::TE, "trailers".parse().expect("value"));
+        named.insert(header::UPGRADE, "websocket".parse().expect("value"));
+        named.insert(header::TRANSFER_ENCODING, "chunked".parse().expect("value"));
+        named.insert("proxy-connection", "keep-alive".parse().expect("value"));
+        strip_hop_by_hop(&mut named);
+        assert!(named.is_empty(), "{named:?}");
     }
 
     #[test]
