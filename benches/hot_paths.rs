@@ -6,8 +6,16 @@
 //!   one small request/response round trip on a long-lived connection (the per-request cost of
 //!   keep-alive traffic through the opaque path) and a 1 MiB one-way transfer (per-byte cost).
 //!
-//! Run: `cargo bench --bench hot_paths` (add `-- --quick` for a short run). Protocol detection,
-//! header rewriting, route matching and the balancer's pick get their groups when they land.
+//! - `detect/*`: protocol detection on a connection's first bytes (HTTP/1 request line, the
+//!   HTTP/2 preface, opaque TLS ClientHello bytes).
+//! - `headers/*`: the per-request header rewriting (hop-by-hop and `tern-*` stripping) on a
+//!   typical request and on one that carries hop-by-hop headers.
+//! - `http_metrics/request`: one request and its response through `HttpMetricsLayer` (handles
+//!   resolved per connection).
+//! - `balance/pick`: the balancer's power-of-two-choices pick over 8 endpoints.
+//!
+//! Run: `cargo bench --bench hot_paths` (add `-- --quick` for a short run). Route matching has
+//! its own `benches/routes.rs`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -134,5 +142,137 @@ fn copy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, metrics, copy);
+fn detect(c: &mut Criterion) {
+    let mut g = c.benchmark_group("detect");
+    g.throughput(Throughput::Elements(1));
+    let h1 = b"GET /api/v1/items?page=2 HTTP/1.1\r\nHost: web.demo.svc.cluster.local\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n";
+    let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00";
+    let tls = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x8a\x1d\x00\x00\x00\x00";
+    g.bench_function("http1_request_line", |b| {
+        b.iter(|| tern::detect::classify_prefix(black_box(&h1[..])))
+    });
+    g.bench_function("h2_preface", |b| {
+        b.iter(|| tern::detect::classify_prefix(black_box(&h2[..])))
+    });
+    g.bench_function("opaque_tls", |b| {
+        b.iter(|| tern::detect::classify_prefix(black_box(&tls[..])))
+    });
+    g.finish();
+}
+
+fn request_headers(hop_by_hop: bool) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (k, v) in [
+        ("host", "web.demo.svc.cluster.local"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+        ("x-request-id", "0f5e3c1a-9b7d-4c2e-8f61-2d4b9a7c3e10"),
+        ("content-type", "application/json"),
+    ] {
+        h.insert(k, v.parse().expect("value"));
+    }
+    if hop_by_hop {
+        h.insert("connection", "keep-alive, x-trace".parse().expect("value"));
+        h.insert("keep-alive", "timeout=5".parse().expect("value"));
+        h.insert("x-trace", "1".parse().expect("value"));
+        h.insert("tern-client-id", "spiffe://forged".parse().expect("value"));
+    }
+    h
+}
+
+fn headers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("headers");
+    g.throughput(Throughput::Elements(1));
+    for (name, hop) in [
+        ("strip_typical_request", false),
+        ("strip_hop_by_hop_present", true),
+    ] {
+        let template = request_headers(hop);
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || template.clone(),
+                |h| {
+                    tern::http::strip_tern_headers(h);
+                    tern::http::strip_hop_by_hop(h);
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn http_metrics(c: &mut Criterion) {
+    use futures_util::FutureExt;
+    use http_body_util::BodyExt;
+    use tern::layers::http_metrics::{HttpMetrics, HttpMetricsLayer, RequestLabels};
+    use tower::{Layer, Service};
+
+    let mut g = c.benchmark_group("http_metrics");
+    g.throughput(Throughput::Elements(1));
+    let mut registry = Registry::default();
+    let m = HttpMetrics::register(&mut registry);
+    let layer = HttpMetricsLayer::new(
+        m,
+        RequestLabels {
+            direction: Direction::outbound,
+            tls: tern::metrics::Tls::Yes,
+            client_id: String::new(),
+            server_id: "spiffe://cluster.local/ns/demo/sa/web".into(),
+            dst_service: "web.demo.svc.cluster.local".into(),
+            route: String::new(),
+        },
+    );
+    let mut svc = layer.layer(tower::service_fn(|_req: http::Request<()>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+            tern::http::boxed(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"hello",
+            ))),
+        )))
+    }));
+    g.bench_function("request", |b| {
+        b.iter(|| {
+            let resp = svc
+                .call(http::Request::new(()))
+                .now_or_never()
+                .expect("ready")
+                .expect("infallible");
+            black_box(resp.into_body().collect().now_or_never());
+        })
+    });
+    g.finish();
+}
+
+fn balance(c: &mut Criterion) {
+    use std::sync::Arc;
+    use tern::discover::Endpoint;
+    use tern::layers::balance::{BalanceMetrics, Balancer, EndpointSource};
+
+    let mut g = c.benchmark_group("balance");
+    g.throughput(Throughput::Elements(1));
+    let eps: Arc<[Endpoint]> = (0..8)
+        .map(|i| Endpoint {
+            addr: std::net::SocketAddr::from(([198, 18, 0, 10 + i], 8080)),
+            identity: None,
+            weight: 1,
+            mesh_port: 4143,
+        })
+        .collect();
+    let source: EndpointSource = Arc::new(move || eps.clone());
+    let b8 = Balancer::new("web".into(), source, &BalanceMetrics::default());
+    g.bench_function("pick_of_8", |b| {
+        b.iter(|| black_box(b8.pick(None).expect("endpoints")))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    metrics,
+    copy,
+    detect,
+    headers,
+    http_metrics,
+    balance
+);
 criterion_main!(benches);

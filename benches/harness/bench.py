@@ -59,6 +59,7 @@ LOADGEN_CPU, APP_CPU = "0", "1"
 PROXY_UID = 2102
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOP_OFFSET = 10000
+IDLE_S = 5  # seconds of idleness over which idle CPU is measured
 # Load generator, origin and proxies run at this niceness so that unrelated work on a shared
 # machine (builds) disturbs them less. 0 to disable.
 NICE = os.environ.get("BENCH_NICE", "-10")
@@ -69,7 +70,10 @@ PORTS = {"http1": 8080, "h2c": 8081, "bulk": 5201, "churn": 8080, "hold": 9000}
 ALL_SCENARIOS = [
     "direct",
     "tern-pair",
+    "tern-mtls-pair",
     "haproxy-pair",
+    "haproxy-http-pair",
+    "haproxy-mtls-pair",
     "hop-tern",
     "hop-haproxy",
     "hop-nginx",
@@ -130,10 +134,10 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -268,22 +272,47 @@ def iptables_off():
 # proxy configs
 
 
-def haproxy_cfg(binds: list[str], server: str) -> str:
+def haproxy_cfg(binds: list[str], server: str, mode: str = "tcp") -> str:
     fe = "\n".join(
         f"frontend f{i}\n  bind {b}\n  default_backend b" for i, b in enumerate(binds)
     )
+    # HTTP mode: keep-alive on both sides, idle server connections reused across requests
+    # (haproxy's defaults), as tern pools its upstream connections.
+    http = "  option http-keep-alive\n  http-reuse safe\n  timeout http-keep-alive 300s\n" if mode == "http" else ""
     return f"""global
   nbthread 1
   maxconn 8000
 defaults
-  mode tcp
-  timeout connect 1s
+  mode {mode}
+{http}  timeout connect 1s
   timeout client 300s
   timeout server 300s
 {fe}
 backend b
   server s {server}
 """
+
+
+def identities(work: Path) -> Path:
+    """The bench CA and two identities (a: client pod, b: server pod), made once per run with
+    mkid.sh, readable by the proxies' uid; plus HAProxy's cert+key PEMs and tern's discovery
+    file naming pod B's ports as meshed with identity b."""
+    ids = work / "ids"
+    if not (ids / "b" / "tls.crt").is_file():
+        subprocess.run([str(HARNESS / "mkid.sh"), str(ids), "a", "b"], check=True)
+        for n in ("a", "b"):
+            (ids / f"{n}.pem").write_text((ids / n / "tls.crt").read_text() + (ids / n / "tls.key").read_text())
+        eps = "".join(
+            f"  - name: bench-{port}\n    endpoints:\n      - address: \"{IP_B}:{port}\"\n"
+            f"        identity: spiffe://bench.local/ns/bench/sa/b\n"
+            for port in sorted(set(PORTS.values())))
+        (ids / "discovery.yaml").write_text("services:\n" + eps)
+        for root, dirs, files in os.walk(ids):
+            for d in dirs:
+                os.chmod(Path(root) / d, 0o755)
+            for f in files:
+                os.chmod(Path(root) / f, 0o644)  # throwaway bench keys, read by uid 2102
+    return ids
 
 
 def nginx_stream_cfg(work: Path, listen: int, target: str) -> str:
@@ -364,11 +393,20 @@ class Scenario:
             self.kind, self.proxy = "hop", name.removeprefix("hop-")
         else:
             raise SystemExit(f"bench: unknown scenario {name!r}")
+        # "tern-mtls" → base "tern", variant "mtls"; "haproxy-http" → "haproxy", "http"
+        self.base, _, self.variant = self.proxy.partition("-")
         self.procs: dict[str, subprocess.Popen] = {}
 
+    def supports(self, proto: str) -> bool:
+        # HAProxy in HTTP mode parses HTTP/1 on every port: no h2c (prior knowledge), bulk or
+        # raw-TCP hold through it.
+        return not (self.base == "haproxy" and self.variant == "http" and proto not in ("http1", "churn"))
+
     def available(self) -> str | None:
-        need = {"tern": None, "haproxy": "haproxy", "nginx": "nginx", "envoy": "envoy"}.get(self.proxy)
-        if self.proxy == "tern" and not Path(TERN).is_file():
+        need = {"tern": None, "haproxy": "haproxy", "nginx": "nginx", "envoy": "envoy"}.get(self.base)
+        if self.variant == "mtls" and not shutil.which("openssl"):
+            return "openssl missing (identities for the mTLS scenarios)"
+        if self.base == "tern" and not Path(TERN).is_file():
             return f"tern binary missing at {TERN}"
         if need and not TOOLS[need]:
             return f"{need} not installed"
@@ -397,27 +435,45 @@ class Scenario:
     def _spawn_proxy(self, ns, role, transparent=False, listen=0, target=0):
         name = f"{self.name}-{role}"
         w = self.work
-        if self.proxy == "tern":
+        if self.base == "tern":
             if transparent:
                 cmd = [TERN, "proxy", "--workers", "1"]
+                if self.variant == "mtls":
+                    ids = identities(w)
+                    cmd += ["--identity-dir", str(ids / ("a" if role == "out" else "b"))]
+                    if role == "out":
+                        cmd += ["--discovery-file", str(ids / "discovery.yaml")]
             else:
                 cmd = [TERN, "proxy", "--workers", "1", "--inbound-addr", f"0.0.0.0:{listen}",
                        "--inbound-target", f"127.0.0.1:{target}",
                        "--outbound-addrs", "127.0.0.1:14140", "--admin-addr", "127.0.0.1:14191"]
-        elif self.proxy == "haproxy":
+        elif self.base == "haproxy":
             cfg = w / f"{name}.cfg"
-            if transparent:
+            if transparent and self.variant == "mtls":
+                # TLS between the pods: the client side originates it (verifying the server's
+                # certificate against the bench CA), the server side requires a client cert.
+                ids = identities(w)
+                if role == "out":
+                    cfg.write_text(haproxy_cfg(
+                        ["127.0.0.1:4140"],
+                        f"0.0.0.0 ssl crt {ids / 'a.pem'} ca-file {ids / 'ca.crt'} verify required"))
+                else:
+                    cfg.write_text(haproxy_cfg(
+                        [f":4143 ssl crt {ids / 'b.pem'} ca-file {ids / 'ca.crt'} verify required"],
+                        "0.0.0.0"))
+            elif transparent:
                 # 0.0.0.0 without a port: connect to the connection's original destination
                 # (haproxy reads SO_ORIGINAL_DST for IPv4 when built with NETFILTER/TPROXY).
-                cfg.write_text(haproxy_cfg(["127.0.0.1:4140", ":4143"], "0.0.0.0"))
+                cfg.write_text(haproxy_cfg(["127.0.0.1:4140", ":4143"], "0.0.0.0",
+                                           mode="http" if self.variant == "http" else "tcp"))
             else:
                 cfg.write_text(haproxy_cfg([f":{listen}"], f"127.0.0.1:{target}"))
             cmd = [TOOLS["haproxy"], "-db", "-f", str(cfg)]
-        elif self.proxy == "nginx":
+        elif self.base == "nginx":
             cfg = w / f"{name}.conf"
             cfg.write_text(nginx_stream_cfg(w, listen, f"127.0.0.1:{target}"))
             cmd = [TOOLS["nginx"], "-e", "stderr", "-c", str(cfg)]
-        elif self.proxy == "envoy":
+        elif self.base == "envoy":
             cfg = w / f"{name}.json"
             cfg.write_text(envoy_cfg(listen, target))
             cmd = [TOOLS["envoy"], "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart",
@@ -575,6 +631,16 @@ def run_protocol(rec, rep, proto, sc: Scenario, extras: bool, warm=False):
         if not warm:
             for k, p in sc.procs.items():
                 rec.add(rep, proto, sc.name, "idle", "rss_kib", k, rss_kib(p.pid))
+                # the process's own memory: VmRSS minus the file-backed pages (binary and
+                # libraries, shared by every copy of the proxy on a node)
+                rec.add(rep, proto, sc.name, "idle", "rss_anon_kib", k, rss_kib(p.pid, "RssAnon"))
+            if extras and proto == "http1" and sc.procs:
+                # idle CPU: no busy timers means ~0 ticks over a few idle seconds
+                t0 = {k: cpu_ticks(p.pid) for k, p in sc.procs.items()}
+                time.sleep(IDLE_S)
+                for k, p in sc.procs.items():
+                    ms = (cpu_ticks(p.pid) - t0[k]) * 1000 / CLK_TCK
+                    rec.add(rep, proto, sc.name, "idle", "cpu_ms_per_s", k, ms / IDLE_S)
         d = 2 if warm else DUR
         if proto == "http1":
             if TOOLS["oha"]:
@@ -624,6 +690,7 @@ def hold(rec, rep, sc, host, port):
     time.sleep(BURST_WAIT)
     for k, pr in sc.procs.items():
         rec.add(rep, "hold", sc.name, "hold", "rss_kib_after_burst", k, rss_kib(pr.pid))
+        rec.add(rep, "hold", sc.name, "hold", "rss_anon_kib_after_burst", k, rss_kib(pr.pid, "RssAnon"))
 
 
 def machine():
@@ -735,12 +802,16 @@ def main():
                 reps = range(REPS)
                 log(f"{proto}: warm-up")
                 for s in scenarios:
+                    if not s.supports(proto):
+                        continue
                     try:
                         run_protocol(rec, -1, proto, s, extras=False, warm=True)
                     except Exception as e:
                         log(f"ERROR warm-up {proto} {s.name}: {e}")
             for rep in reps:
                 for s in scenarios:
+                    if not s.supports(proto):
+                        continue
                     log(f"{proto}: rep {rep + 1}/{len(reps)} {s.name}")
                     try:
                         run_protocol(rec, rep, proto, s, extras=(rep == 0))

@@ -2,7 +2,7 @@
 """Holds many concurrent TCP connections open, for the RSS-under-1,000-connections figure.
 
   hold.py server HOST PORT   echo server (asyncio): answers each byte it receives
-  hold.py client HOST PORT N opens N connections, round-trips one byte on each (so every
+  hold.py client HOST PORT N opens N connections, round-trips one (non-HTTP) byte on each (so every
                              connection is established end to end through the proxies),
                              prints `ready <opened>`, holds them until a line arrives on stdin,
                              then closes them all and exits
@@ -33,8 +33,10 @@ def client(host, port, n):
     socks = []
     for _ in range(n):
         s = socket.create_connection((host, port), timeout=5)
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
+        # A byte no HTTP request starts with: tern's protocol detection calls the connection
+        # opaque at once (a letter could begin a method, and detection would wait for more).
+        s.sendall(b"\x00")
+        if s.recv(1) != b"\x00":
             raise SystemExit("hold client: bad echo")
         socks.append(s)
     print(f"ready {len(socks)}", flush=True)

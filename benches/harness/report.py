@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 
 ROLE_NAMES = {"out": "client-side", "in": "server-side", "hop": "single hop"}
-PAIR_ORDER = ["direct", "tern-pair", "haproxy-pair"]
+PAIR_ORDER = ["direct", "tern-pair", "haproxy-pair", "haproxy-http-pair", "tern-mtls-pair", "haproxy-mtls-pair"]
 HOP_ORDER = ["hop-tern", "hop-haproxy", "hop-nginx", "hop-envoy"]
 
 
@@ -68,8 +68,11 @@ def render(rows, meta) -> str:
     L.append("- **Versions:** " + "; ".join(f"{k}: `{v}`" for k, v in meta["versions"].items()))
     L.append("- Load generator pinned to core 0; origin and proxies pinned to core 1; every proxy single-threaded. "
              "Figures: median over repetitions, [min–max] when more than one.")
-    L.append("- tern today is an opaque TCP proxy: HTTP passes through it (and through the compared proxies, "
-             "configured in TCP mode) as bytes.")
+    L.append("- tern parses HTTP (hyper) on both proxies of a pair; `haproxy-pair` is HAProxy in TCP mode "
+             "(bytes), `haproxy-http-pair` HAProxy in HTTP mode (parses HTTP/1; only the http1 and churn "
+             "protocols run through it), `*-mtls-pair` adds mutual TLS between the pods (tern: its HTTP/2 "
+             "mesh wire with pooled connections; HAProxy: a TLS connection per client connection, TCP mode). "
+             "The single-hop proxies run in TCP mode.")
     if failed:
         L.append("- **Failed runs:** " + ", ".join(f"{p}/{s}" for p, s in failed))
     L.append("")
@@ -85,7 +88,7 @@ def render(rows, meta) -> str:
             L.append(f"| TCP bulk throughput, {sc} / direct | {med(bt):.2f} / {med(bd):.2f} Gbit/s = "
                      f"**{med(bt) / med(bd):.2f}×** |")
     for role in ("out", "in"):
-        idle = [v for (p, s, t, mt, r), vs in d.items() if s == "tern-pair" and t == "idle" and r == role for v in vs]
+        idle = [v for (p, s, t, mt, r), vs in d.items() if s == "tern-pair" and t == "idle" and mt == "rss_kib" and r == role for v in vs]
         if idle:
             L.append(f"| RSS of one idle tern proxy ({ROLE_NAMES[role]}) | {fmt(idle, 1, 1 / 1024)} MiB |")
     for role in ("out", "in"):
@@ -141,23 +144,25 @@ def render(rows, meta) -> str:
              "by wake-ups (epoll_wait, context switches), at saturation by the data path.\n")
     ccols = [("http1", "sat", "HTTP/1.1 sat")] + [("http1", f"rate{r}", f"HTTP/1.1 @{r // 1000}k") for r in rates] + [
         ("h2c", "sat", "h2c sat"), ("churn", "sat", "per new connection"), ("bulk", "iperf3", "bulk, µs per MiB")]
-    L.append("| scenario | proxy | " + " | ".join(c[2] for c in ccols) + " |")
-    L.append("|---|---|" + "---|" * len(ccols))
+    L.append("| scenario | proxy | " + " | ".join(c[2] for c in ccols) + " | idle CPU, ms/s |")
+    L.append("|---|---|" + "---|" * len(ccols) + "---|")
     for sc in scenarios:
         for role in roles_of(d, sc):
             cells = [fmt(d.get((p, sc, t, "cpu_us_per_req", role), []), 1) for p, t, _ in ccols]
+            cells.append(fmt(d.get(("http1", sc, "idle", "cpu_ms_per_s", role), []), 1))
             L.append(f"| {sc} | {ROLE_NAMES[role]} | " + " | ".join(cells) + " |")
     L.append("")
 
     # ---- memory
     L.append("## Memory (RSS, MiB, VmRSS from /proc/PID/status)\n")
-    L.append("| scenario | proxy | idle | max at 2k rps, 16 conns | max at 2k rps, 100 conns | "
+    L.append("| scenario | proxy | idle | idle, anonymous only (RssAnon) | max at 2k rps, 16 conns | max at 2k rps, 100 conns | "
              "1,000 open connections | 30 s after closing them |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|")
     for sc in scenarios:
         for role in roles_of(d, sc):
-            idle = [v for (p, s, t, mt, r), vs in d.items() if s == sc and t == "idle" and r == role for v in vs]
+            idle = [v for (p, s, t, mt, r), vs in d.items() if s == sc and t == "idle" and mt == "rss_kib" and r == role for v in vs]
             cells = [fmt(idle, 1, 1 / 1024),
+                     fmt(d.get(("http1", sc, "idle", "rss_anon_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("http1", sc, "rate2000", "rss_max_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("http1", sc, "rate2000-c100", "rss_max_kib", role), []), 1, 1 / 1024),
                      fmt(d.get(("hold", sc, "hold", "rss_kib_1000_open", role), []), 1, 1 / 1024),

@@ -57,39 +57,114 @@ pub fn strip_tern_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Which fixed hop-by-hop header `name` is, as a bit of [`strip_hop_by_hop`]'s set (0: none).
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        1
+    } else if name == header::TRANSFER_ENCODING {
+        2
+    } else if name == header::UPGRADE {
+        4
+    } else if name == header::TE {
+        8
+    } else if name.as_str() == "keep-alive" {
+        16
+    } else if name.as_str() == "proxy-connection" {
+        32
+    } else {
+        0
+    }
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-Connection`, `TE` (except `trailers`), `Transfer-Encoding`, `Upgrade`.
 /// Framing is re-done by hyper on the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names finds which are present; only those are removed (a removal
+    // hashes the name). Most requests carry none; most responses only `Connection: keep-alive`.
+    let present = headers.keys().fold(0, |set, n| set | hop_by_hop_bit(n));
+    if present == 0 {
+        return;
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // Options, not header names (a `Keep-Alive` header is removed below anyway).
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    if present & 2 != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
     }
+    if present & 4 != 0 {
+        headers.remove(header::UPGRADE);
+    }
+    if present & 16 != 0 {
+        headers.remove(HeaderName::from_static("keep-alive"));
+    }
+    if present & 32 != 0 {
+        headers.remove(HeaderName::from_static("proxy-connection"));
+    }
+    if present & 8 != 0 {
+        let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+/// `ip:port` as a header value (the `tern-target` value), without the formatting machinery
+/// for the common IPv4 case.
+pub fn socket_addr_value(addr: std::net::SocketAddr) -> http::HeaderValue {
+    let std::net::SocketAddr::V4(v4) = addr else {
+        return http::HeaderValue::from_str(&addr.to_string())
+            .expect("a socket address is a valid header value");
+    };
+    let mut buf = [0u8; 21];
+    let mut n = 0;
+    let push_num = |buf: &mut [u8; 21], n: &mut usize, v: u32| {
+        let mut digits = [0u8; 5];
+        let mut len = 0;
+        let mut v = v;
+        loop {
+            digits[len] = b'0' + (v % 10) as u8;
+            len += 1;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for d in digits[..len].iter().rev() {
+            buf[*n] = *d;
+            *n += 1;
+        }
+    };
+    for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        push_num(&mut buf, &mut n, u32::from(octet));
+    }
+    buf[n] = b':';
+    n += 1;
+    push_num(&mut buf, &mut n, u32::from(v4.port()));
+    http::HeaderValue::from_bytes(&buf[..n]).expect("digits, dots and a colon")
 }
 
 /// Whether a request is gRPC (`content-type: application/grpc[+proto|...]`).
@@ -127,5 +202,45 @@ mod tests {
             h.get(header::TE).map(|v| v.as_bytes()),
             Some(&b"trailers"[..])
         );
+        let mut clean = HeaderMap::new();
+        clean.insert("x-app", "kept".parse().expect("value"));
+        strip_hop_by_hop(&mut clean);
+        assert_eq!(clean.len(), 1);
+        // `Connection: keep-alive` alone (a typical response); `Connection` naming `TE` and an
+        // upgrade (both go, trailers included, as the header named them).
+        let mut resp = HeaderMap::new();
+        resp.insert(header::CONNECTION, "Keep-Alive".parse().expect("value"));
+        resp.insert("keep-alive", "timeout=5".parse().expect("value"));
+        resp.insert("x-app", "kept".parse().expect("value"));
+        strip_hop_by_hop(&mut resp);
+        assert_eq!(
+            resp.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+            ["x-app"]
+        );
+        let mut named = HeaderMap::new();
+        named.insert(
+            header::CONNECTION,
+            "te, upgrade, close".parse().expect("value"),
+        );
+        named.insert(header::TE, "trailers".parse().expect("value"));
+        named.insert(header::UPGRADE, "websocket".parse().expect("value"));
+        named.insert(header::TRANSFER_ENCODING, "chunked".parse().expect("value"));
+        named.insert("proxy-connection", "keep-alive".parse().expect("value"));
+        strip_hop_by_hop(&mut named);
+        assert!(named.is_empty(), "{named:?}");
+    }
+
+    #[test]
+    fn socket_addr_values_match_display() {
+        for a in [
+            "0.0.0.0:0",
+            "198.18.0.2:8080",
+            "255.255.255.255:65535",
+            "10.0.12.1:443",
+            "[2001:db8::1]:80",
+        ] {
+            let addr: std::net::SocketAddr = a.parse().expect("address");
+            assert_eq!(socket_addr_value(addr).to_str().expect("ascii"), a);
+        }
     }
 }

@@ -53,12 +53,15 @@ pub async fn serve_plain(
         dst_service: String::new(),
         route: String::new(),
     };
+    let conn_client = (version == HttpVersion::H1 && allowed)
+        .then(|| h::client::ConnClient::new(app, inbound.config.connect_timeout));
     let svc = HttpMetricsLayer::new(inbound.http.clone(), labels).layer(ToApp {
         inbound: inbound.clone(),
         app,
         version,
         meshed: false,
         allowed,
+        conn_client,
     });
     let conn = inbound
         .tcp
@@ -71,32 +74,54 @@ pub async fn serve_plain(
     crate::forward::finish(conn, started, result);
 }
 
-/// Answers one HTTP request that arrived on a mesh connection from `client_id`.
+/// What every request on one mesh connection shares: the verified client identity (also as
+/// the `tern-client-id` value) and the metric handles, made once per connection.
+#[derive(Debug)]
+pub struct MeshConn {
+    client_id: Arc<PeerId>,
+    header: Option<HeaderValue>,
+    metrics: HttpMetricsLayer,
+}
+
+impl MeshConn {
+    pub fn new(inbound: &Inbound, client_id: Arc<PeerId>) -> Self {
+        let id = client_id.to_string();
+        let header = HeaderValue::from_str(&id).ok();
+        let labels = RequestLabels {
+            direction: Direction::inbound,
+            tls: Tls::Yes,
+            client_id: id,
+            server_id: String::new(),
+            dst_service: String::new(),
+            route: String::new(),
+        };
+        MeshConn {
+            client_id,
+            header,
+            metrics: HttpMetricsLayer::new(inbound.http.clone(), labels),
+        }
+    }
+}
+
+/// Answers one HTTP request that arrived on the mesh connection `conn`.
 pub fn from_mesh(
     inbound: Arc<Inbound>,
     req: Request<Incoming>,
-    client_id: Arc<PeerId>,
+    conn: Arc<MeshConn>,
     local_ip: IpAddr,
 ) -> Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>> {
-    Box::pin(from_mesh_inner(inbound, req, client_id, local_ip))
+    Box::pin(from_mesh_inner(inbound, req, conn, local_ip))
 }
 
 async fn from_mesh_inner(
     inbound: Arc<Inbound>,
     mut req: Request<Incoming>,
-    client_id: Arc<PeerId>,
+    conn: Arc<MeshConn>,
     local_ip: IpAddr,
 ) -> Response<BoxBody> {
     let grpc = h::is_grpc(req.headers());
-    let labels = RequestLabels {
-        direction: Direction::inbound,
-        tls: Tls::Yes,
-        client_id: client_id.to_string(),
-        server_id: String::new(),
-        dst_service: String::new(),
-        route: String::new(),
-    };
-    let metrics = HttpMetricsLayer::new(inbound.http.clone(), labels);
+    let client_id = &conn.client_id;
+    let metrics = conn.metrics.clone();
     let head = crate::mesh::wire::parse(req.method(), req.uri(), req.headers());
     let Ok(crate::mesh::wire::StreamHead::Http { target, version }) = head else {
         return record(
@@ -132,8 +157,8 @@ async fn from_mesh_inner(
     };
     let headers = req.headers_mut();
     h::strip_tern_headers(headers);
-    if let Ok(v) = HeaderValue::from_str(&client_id.to_string()) {
-        headers.insert(h::CLIENT_ID, v);
+    if let Some(v) = &conn.header {
+        headers.insert(h::CLIENT_ID, v.clone());
     }
     let app_version = if version == Version::HTTP_2 {
         HttpVersion::H2
@@ -153,6 +178,7 @@ async fn from_mesh_inner(
         version: app_version,
         meshed: true,
         allowed: true,
+        conn_client: None,
     });
     // ToApp is always ready; naming the boxed future keeps its Send-ness concrete.
     let fut: ResponseFuture = svc.call(req.map(h::boxed));
@@ -190,6 +216,8 @@ struct ToApp {
     meshed: bool,
     /// False when the inbound policy denied the connection: requests are answered 403.
     allowed: bool,
+    /// A plain HTTP/1 connection's own connection to the app (requests come one at a time).
+    conn_client: Option<h::client::ConnClient>,
 }
 
 impl Service<Request<BoxBody>> for ToApp {
@@ -245,6 +273,9 @@ impl ToApp {
             h::strip_tern_headers(req.headers_mut());
         }
         h::strip_hop_by_hop(req.headers_mut());
+        if let Some(client) = &self.conn_client {
+            return Ok(client.request(req).await?.map(h::boxed));
+        }
         if req.uri().authority().is_none() {
             let authority = req
                 .headers()

@@ -19,7 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -119,18 +119,124 @@ impl HttpMetrics {
 }
 
 /// Wraps a service so each request/response pair is recorded with `labels`.
+///
+/// The labels are fixed for the layer (one per connection), so the metric handles are
+/// resolved here, once: a request then costs counter increments and a histogram observation,
+/// not a label-set clone, hash and family lookup per metric.
 #[derive(Debug, Clone)]
 pub struct HttpMetricsLayer {
-    metrics: HttpMetrics,
-    labels: Arc<RequestLabels>,
+    handles: Arc<Handles>,
 }
 
 impl HttpMetricsLayer {
     pub fn new(metrics: HttpMetrics, labels: RequestLabels) -> Self {
         HttpMetricsLayer {
-            metrics,
-            labels: Arc::new(labels),
+            handles: Arc::new(Handles::new(metrics, labels)),
         }
+    }
+}
+
+/// The response series one layer's requests ended in, remembered at most this many at once.
+const RESPONSE_SERIES_CACHED: usize = 8;
+
+/// One layer's metric handles: resolved when first needed (a series appears with its first
+/// request, as before), then reused.
+#[derive(Debug)]
+struct Handles {
+    metrics: HttpMetrics,
+    labels: RequestLabels,
+    requests: OnceLock<Counter>,
+    /// By [`Classification`]: success, failure.
+    latency: [OnceLock<Histogram>; 2],
+    /// Most recently used first.
+    responses: Mutex<Vec<(ResponseKey, Counter)>>,
+    /// The handles of the routes this layer's requests matched (same labels plus `route`),
+    /// most recently used first.
+    routes: Mutex<Vec<(Arc<str>, Arc<Handles>)>>,
+}
+
+/// Routes whose handles one layer remembers at once.
+const ROUTES_CACHED: usize = 8;
+
+/// The response-specific part of [`ResponseLabels`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ResponseKey {
+    status_code: u16,
+    grpc_status: Option<String>,
+    classification: Classification,
+    error: &'static str,
+}
+
+impl Handles {
+    fn new(metrics: HttpMetrics, labels: RequestLabels) -> Self {
+        Handles {
+            metrics,
+            labels,
+            requests: OnceLock::new(),
+            latency: [OnceLock::new(), OnceLock::new()],
+            responses: Mutex::new(Vec::new()),
+            routes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The handles for requests that matched `route`.
+    fn for_route(&self, route: &Arc<str>) -> Arc<Handles> {
+        let mut cached = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = cached.iter().position(|(r, _)| r == route) {
+            let hit = cached.remove(i);
+            cached.insert(0, hit);
+            return cached[0].1.clone();
+        }
+        let labels = RequestLabels {
+            route: route.to_string(),
+            ..self.labels.clone()
+        };
+        let handles = Arc::new(Handles::new(self.metrics.clone(), labels));
+        cached.truncate(ROUTES_CACHED - 1);
+        cached.insert(0, (route.clone(), handles.clone()));
+        handles
+    }
+
+    fn requests(&self) -> &Counter {
+        self.requests
+            .get_or_init(|| self.metrics.requests.get_or_create(&self.labels).clone())
+    }
+
+    fn latency(&self, classification: Classification) -> &Histogram {
+        self.latency[classification as usize].get_or_init(|| {
+            self.metrics
+                .latency
+                .get_or_create(&LatencyLabels {
+                    request: self.labels.clone(),
+                    classification,
+                })
+                .clone()
+        })
+    }
+
+    fn response(&self, key: ResponseKey) -> Counter {
+        let mut cached = self.responses.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = cached.iter().position(|(k, _)| *k == key) {
+            if i != 0 {
+                let hit = cached.remove(i);
+                cached.insert(0, hit);
+            }
+            return cached[0].1.clone();
+        }
+        let counter = self
+            .metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                request: self.labels.clone(),
+                status_code: key.status_code,
+                grpc_status: key.grpc_status.clone().unwrap_or_default(),
+                classification: key.classification,
+                error: key.error,
+            })
+            .clone();
+        cached.truncate(RESPONSE_SERIES_CACHED - 1);
+        cached.insert(0, (key, counter.clone()));
+        counter
     }
 }
 
@@ -140,8 +246,7 @@ impl<S> Layer<S> for HttpMetricsLayer {
     fn layer(&self, inner: S) -> RecordHttp<S> {
         RecordHttp {
             inner,
-            metrics: self.metrics.clone(),
-            labels: self.labels.clone(),
+            handles: self.handles.clone(),
         }
     }
 }
@@ -150,8 +255,7 @@ impl<S> Layer<S> for HttpMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct RecordHttp<S> {
     inner: S,
-    metrics: HttpMetrics,
-    labels: Arc<RequestLabels>,
+    handles: Arc<Handles>,
 }
 
 impl<S, B> Service<Request<B>> for RecordHttp<S>
@@ -170,17 +274,13 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let labels = match req.extensions().get::<RouteLabel>() {
-            None => self.labels.clone(),
-            Some(r) => Arc::new(RequestLabels {
-                route: r.0.to_string(),
-                ..(*self.labels).clone()
-            }),
+        let handles = match req.extensions().get::<RouteLabel>() {
+            None => self.handles.clone(),
+            Some(r) => self.handles.for_route(&r.0),
         };
-        self.metrics.requests.get_or_create(&labels).inc();
+        handles.requests().inc();
         let recorder = Recorder {
-            metrics: self.metrics.clone(),
-            labels,
+            handles,
             started,
             status: 0,
             grpc_status: None,
@@ -226,6 +326,8 @@ fn static_error(v: &str) -> &'static str {
         P::no_route,
         P::attempt_timeout,
         P::invalid_backend,
+        P::overloaded,
+        P::body_timeout,
     ]
     .into_iter()
     .map(P::as_str)
@@ -242,8 +344,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<String> {
 
 #[derive(Debug)]
 struct Recorder {
-    metrics: HttpMetrics,
-    labels: Arc<RequestLabels>,
+    handles: Arc<Handles>,
     started: Instant,
     status: u16,
     grpc_status: Option<String>,
@@ -260,19 +361,13 @@ impl Recorder {
         } else {
             Classification::success
         };
-        self.metrics
-            .latency
-            .get_or_create(&LatencyLabels {
-                request: (*self.labels).clone(),
-                classification,
-            })
+        self.handles
+            .latency(classification)
             .observe(self.started.elapsed().as_secs_f64());
-        self.metrics
-            .responses
-            .get_or_create(&ResponseLabels {
-                request: (*self.labels).clone(),
+        self.handles
+            .response(ResponseKey {
                 status_code: self.status,
-                grpc_status: self.grpc_status.unwrap_or_default(),
+                grpc_status: self.grpc_status,
                 classification,
                 error: self.error.unwrap_or(""),
             })

@@ -223,7 +223,8 @@ impl MeshClient {
                 return Ok((p.sender.clone(), p.server_id.clone()));
             }
         }
-        let fresh = self.connect(addr, &expected, connect_timeout).await?;
+        // Boxed: the handshake's future is large and rare; requests should not carry it.
+        let fresh = Box::pin(self.connect(addr, &expected, connect_timeout)).await?;
         let out = (fresh.sender.clone(), fresh.server_id.clone());
         *slot = Some(fresh);
         Ok(out)

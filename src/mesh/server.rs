@@ -37,11 +37,16 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client_id = Arc::new(client_id);
+    let conn = Arc::new(crate::inbound::http::MeshConn::new(
+        &inbound,
+        client_id.clone(),
+    ));
     let svc = service_fn(move |req| {
         let inbound = inbound.clone();
         let client_id = client_id.clone();
+        let conn = conn.clone();
         let fut: Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>> =
-            Box::pin(async move { Ok(stream(req, client_id, local_ip, inbound).await) });
+            Box::pin(async move { Ok(stream(req, client_id, conn, local_ip, inbound).await) });
         fut
     });
     let result = http2::Builder::new(TokioExecutor::new())
@@ -61,11 +66,12 @@ where
 async fn stream(
     mut req: Request<Incoming>,
     client_id: Arc<PeerId>,
+    conn: Arc<crate::inbound::http::MeshConn>,
     local_ip: IpAddr,
     inbound: Arc<Inbound>,
 ) -> Response<BoxBody> {
     if req.method() != Method::CONNECT {
-        return crate::inbound::http::from_mesh(inbound, req, client_id, local_ip).await;
+        return crate::inbound::http::from_mesh(inbound, req, conn, local_ip).await;
     }
     let port = match super::wire::parse(req.method(), req.uri(), req.headers()) {
         Ok(super::wire::StreamHead::Tunnel { port }) => port,

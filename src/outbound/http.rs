@@ -98,6 +98,18 @@ pub async fn serve(
         service: dst.name.clone(),
         port: dst.addr.0.port(),
     });
+    // HTTP/1 to a fixed plain destination: this connection's own upstream connection.
+    let conn_client = match (&routed.target, version, &stack) {
+        (Target::Plain(dst), HttpVersion::H1, None) => Some(h::client::ConnClient::new(
+            *dst,
+            outbound.config.connect_timeout,
+        )),
+        _ => None,
+    };
+    let mesh_sender = match (&routed.target, &stack) {
+        (Target::Mesh { .. }, None) => Some(MeshSender::default()),
+        _ => None,
+    };
     let svc = ServiceBuilder::new()
         .layer(RouteMatchLayer::new(outbound.routes.clone(), parent))
         .layer(HttpMetricsLayer::new(outbound.metrics.http.clone(), labels))
@@ -108,6 +120,8 @@ pub async fn serve(
             stack,
             dst: routed.balanced.map(Arc::new),
             rule_stacks: RuleStacks::default(),
+            conn_client,
+            mesh_sender,
         });
     let conn = outbound.tcp.conn(conn_labels);
     let io = CountedIo::new(io, forward::counters(&conn));
@@ -295,6 +309,29 @@ struct ProxyHttp {
     /// The discovery service, the parent of any routes the requests match.
     dst: Option<Arc<ServiceDst>>,
     rule_stacks: RuleStacks,
+    /// Present for HTTP/1 to a plain fixed target: the connection's own upstream connection.
+    conn_client: Option<h::client::ConnClient>,
+    /// Present for a fixed mesh target: the connection's hold on the pooled mesh connection.
+    mesh_sender: Option<MeshSender>,
+}
+
+/// A downstream connection's handle on the pooled mesh connection to its (fixed) peer, so a
+/// request skips the pool's lookup (a map keyed by address and expected identity, a lock, and
+/// the clones they take); remade from the pool when that connection closes.
+#[derive(Debug, Clone, Default)]
+struct MeshSender(Arc<std::sync::Mutex<Option<MeshHttp2>>>);
+
+type MeshHttp2 = hyper::client::conn::http2::SendRequest<BoxBody>;
+
+impl MeshSender {
+    fn get(&self) -> Option<MeshHttp2> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    fn set(&self, sender: MeshHttp2) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
 }
 
 impl tower::Service<Request<BoxBody>> for ProxyHttp {
@@ -335,9 +372,24 @@ impl ProxyHttp {
                 return through(&stack, req).await;
             }
         }
-        match &self.stack {
-            Some(stack) => through(stack, req).await,
-            None => send(&self.outbound, &self.target, self.version, req).await,
+        match (&self.stack, &self.conn_client) {
+            (Some(stack), _) => through(stack, req).await,
+            (None, Some(client)) => Ok(client.request(req).await?.map(h::boxed)),
+            // Boxed: `send`'s future (mesh connect and handshake inside) is kilobytes, and
+            // every request would otherwise copy it into this one's.
+            (None, None) => match &self.mesh_sender {
+                Some(held) => {
+                    Box::pin(send_held(
+                        &self.outbound,
+                        &self.target,
+                        self.version,
+                        req,
+                        held,
+                    ))
+                    .await
+                }
+                None => Box::pin(send(&self.outbound, &self.target, self.version, req)).await,
+            },
         }
     }
 }
@@ -409,20 +461,7 @@ async fn send(
                 let Some(mesh) = &outbound.mesh else {
                     return Ok(rescue::response(ProxyError::tls_error, false));
                 };
-                absolute_uri(&mut req, *target)?;
-                let headers = req.headers_mut();
-                headers.insert(h::TARGET, HeaderValue::from_str(&target.0.to_string())?);
-                if version == HttpVersion::H1 {
-                    let proto = if orig_version == Version::HTTP_10 {
-                        "HTTP/1.0"
-                    } else {
-                        "HTTP/1.1"
-                    };
-                    headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
-                    // HTTP/2 carries the authority in the URI; Host would be redundant.
-                    headers.remove(header::HOST);
-                }
-                *req.version_mut() = Version::HTTP_2;
+                to_mesh(&mut req, *target, version, orig_version)?;
                 let resp = mesh
                     .send(
                         *addr,
@@ -435,6 +474,70 @@ async fn send(
             }
         }
     }
+}
+
+/// Sends one request to a mesh target over the held pooled connection, taking it from the
+/// pool when there is none or it closed.
+async fn send_held(
+    outbound: &Outbound,
+    target: &Target,
+    version: HttpVersion,
+    mut req: Request<BoxBody>,
+    held: &MeshSender,
+) -> Result<Response<BoxBody>, BoxError> {
+    let (
+        Target::Mesh {
+            addr,
+            expected,
+            target: dst,
+        },
+        Some(mesh),
+    ) = (target, &outbound.mesh)
+    else {
+        return send(outbound, target, version, req).await;
+    };
+    let orig_version = req.version();
+    to_mesh(&mut req, *dst, version, orig_version)?;
+    let mut sender = match held.get() {
+        Some(s) => s,
+        None => {
+            let (s, _) = mesh
+                .connection(*addr, expected.clone(), outbound.config.connect_timeout)
+                .await?;
+            held.set(s.clone());
+            s
+        }
+    };
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| crate::mesh::client::MeshError::Http2(*addr, e))?;
+    Ok(resp.map(h::boxed))
+}
+
+/// Turns an app's request into its mesh form: absolute URI, `tern-target`, and for HTTP/1
+/// `tern-orig-proto` instead of `Host`; HTTP/2 on the wire.
+fn to_mesh(
+    req: &mut Request<BoxBody>,
+    target: OrigDstAddr,
+    version: HttpVersion,
+    orig_version: Version,
+) -> Result<(), BoxError> {
+    absolute_uri(req, target)?;
+    let headers = req.headers_mut();
+    headers.insert(h::TARGET, h::socket_addr_value(target.0));
+    if version == HttpVersion::H1 {
+        let proto = if orig_version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        };
+        headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
+        // HTTP/2 carries the authority in the URI; Host would be redundant.
+        headers.remove(header::HOST);
+    }
+    *req.version_mut() = Version::HTTP_2;
+    Ok(())
 }
 
 /// Makes the URI absolute (scheme + authority), as the pooled client and HTTP/2 need. The
