@@ -209,3 +209,111 @@ fn promtool_accepts(metrics: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An HTTPRoute watched from the API server splits a Service's traffic by path onto another
+/// Service (a backend known only to Kubernetes discovery), and requests carry the route label.
+#[tokio::test]
+async fn api_server_httproute_sends_a_path_to_another_kubernetes_service() {
+    let a = backend("a", false).await;
+    let d = backend("d", false).await;
+    let api = FakeApi::start().await;
+    api.apply(service(
+        "shop",
+        "api",
+        &["198.18.10.1"],
+        &[("http", 80, json!("http"))],
+        &[],
+    ));
+    api.apply(service(
+        "shop",
+        "api-v2",
+        &["198.18.10.2"],
+        &[("http", 80, json!("http"))],
+        &[],
+    ));
+    api.apply(pod("shop", "api-a", "api", "api", None));
+    api.apply(pod("shop", "api-d", "api-v2", "api", None));
+    api.apply(slice(
+        "shop",
+        "api-a",
+        "api",
+        "IPv4",
+        &[("http", a.port())],
+        &[ready("127.0.0.1", "api-a")],
+    ));
+    api.apply(slice(
+        "shop",
+        "api-d",
+        "api-v2",
+        "IPv4",
+        &[("http", d.port())],
+        &[ready("127.0.0.1", "api-d")],
+    ));
+    api.apply(json!({
+        "kind": "HTTPRoute",
+        "metadata": {"namespace": "shop", "name": "api-split"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+            "rules": [
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/v2"}}],
+                    "backendRefs": [{"name": "api-v2", "port": 80}]
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "backendRefs": [{"name": "api", "port": 80}]
+                }
+            ]
+        }
+    }));
+
+    let mut cc = ProxyConfig::loopback();
+    cc.outbound_target = TargetMode::Fixed(VIP.parse().expect("vip"));
+    cc.kubernetes = Some(ApiServer::Url(api.url()));
+    cc.pod_namespace = Some("shop".into());
+    cc.discovery_timeout = Duration::from_secs(10);
+    let client = Running::start(cc, None);
+
+    let get = async |path: &str| {
+        let s = TcpStream::connect(client.addrs.outbound[0])
+            .await
+            .expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "api.shop")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tx.send_request(req).await.expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    // The route arrives by watch and the backend's watches start on first use: poll, bounded.
+    let mut last = (StatusCode::OK, String::new());
+    for _ in 0..100 {
+        last = get("/v2/items").await;
+        if last.0 == StatusCode::OK && last.1.starts_with("d ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        last.0 == StatusCode::OK && last.1.starts_with("d "),
+        "/v2 reaches api-v2: {last:?}"
+    );
+    for _ in 0..5 {
+        let (status, body) = get("/v2/x").await;
+        assert_eq!((status, &body[..2]), (StatusCode::OK, "d "), "{body}");
+        let (status, body) = get("/other").await;
+        assert_eq!((status, &body[..2]), (StatusCode::OK, "a "), "{body}");
+    }
+    let metrics = client.metrics().await;
+    assert!(
+        metrics.contains("route=\"shop/api-split\""),
+        "requests carry the route label: {metrics}"
+    );
+    client.stop().await;
+}
