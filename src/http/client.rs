@@ -112,6 +112,9 @@ pub struct ConnClient {
     addr: OrigDstAddr,
     timeout: Duration,
     slot: std::sync::Arc<Mutex<Option<Held>>>,
+    /// A connection to `addr` made before the first request (a mesh tunnel connects to the app
+    /// before it knows it carries HTTP): used instead of connecting anew, once.
+    spare: std::sync::Arc<Mutex<Option<TcpStream>>>,
 }
 
 /// The upstream connection's sender and when it was last used.
@@ -123,7 +126,21 @@ impl ConnClient {
             addr,
             timeout: connect_timeout,
             slot: std::sync::Arc::new(Mutex::new(None)),
+            spare: std::sync::Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Like [`ConnClient::new`], with `stream` (already connected to `addr`) as the first
+    /// connection.
+    pub fn with_stream(addr: OrigDstAddr, connect_timeout: Duration, stream: TcpStream) -> Self {
+        let c = ConnClient::new(addr, connect_timeout);
+        *c.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+        c
+    }
+
+    /// The connection given to [`ConnClient::with_stream`], if no request used it yet.
+    pub fn take_spare(&self) -> Option<TcpStream> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Sends `req` on this connection's upstream connection. A request the upstream never saw
@@ -172,7 +189,10 @@ impl ConnClient {
     }
 
     async fn connect(&self) -> Result<SendRequest<BoxBody>, BoxError> {
-        let stream = connect::connect(self.addr, self.timeout).await?;
+        let stream = match self.take_spare() {
+            Some(s) => s,
+            None => connect::connect(self.addr, self.timeout).await?,
+        };
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(stream))

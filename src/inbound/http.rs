@@ -60,12 +60,64 @@ pub async fn serve_plain(
         app,
         version,
         meshed: false,
+        client_id: None,
         allowed,
         conn_client,
     });
     let conn = inbound
         .tcp
         .conn(crate::metrics::TcpLabels::plain(Direction::inbound));
+    serve_conn(inbound, io, version, svc, conn, started).await;
+}
+
+/// Serves the bytes of a mesh `CONNECT` tunnel that detected as HTTP like a plain client's
+/// connection (`serve_plain`): every request head is parsed, the client's `tern-*` headers are
+/// stripped and `tern-client-id` is set to the verified peer identity of `mesh`, and an upgrade
+/// becomes an opaque tunnel only once the app switched protocols. A meshed client (a
+/// compromised app elsewhere) cannot hand the app a forged identity inside an upgrade request.
+/// `app_conn` is the connection to the app the stream already made (used by the first request).
+pub(crate) async fn serve_mesh_tunnel<IO>(
+    inbound: Arc<Inbound>,
+    io: PrefixedIo<IO>,
+    version: HttpVersion,
+    app: OrigDstAddr,
+    mesh: &MeshConn,
+    app_conn: TcpStream,
+    conn: crate::metrics::ConnMetrics,
+    started: std::time::Instant,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn_client = (version == HttpVersion::H1)
+        .then(|| h::client::ConnClient::with_stream(app, inbound.config.connect_timeout, app_conn));
+    let svc = mesh.metrics.layer(ToApp {
+        inbound: inbound.clone(),
+        app,
+        version,
+        meshed: false,
+        client_id: mesh.header.clone(),
+        allowed: true,
+        conn_client,
+    });
+    serve_conn(inbound, io, version, svc, conn, started).await;
+}
+
+/// Runs hyper's server for one downstream connection and records how it ended.
+async fn serve_conn<IO, S>(
+    inbound: Arc<Inbound>,
+    io: PrefixedIo<IO>,
+    version: HttpVersion,
+    svc: S,
+    conn: crate::metrics::ConnMetrics,
+    started: std::time::Instant,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<BoxBody>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let io = crate::transport::counted::CountedIo::new(io, crate::forward::counters(&conn));
     let result = h::server::serve(io, version, svc, &inbound.server)
         .await
@@ -177,6 +229,7 @@ async fn from_mesh_inner(
         app,
         version: app_version,
         meshed: true,
+        client_id: None,
         allowed: true,
         conn_client: None,
     });
@@ -214,6 +267,9 @@ struct ToApp {
     version: HttpVersion,
     /// Whether requests come from a verified mesh client (tern-client-id is ours).
     meshed: bool,
+    /// The verified peer identity to send as `tern-client-id` after stripping the client's own
+    /// `tern-*` headers (HTTP inside a mesh tunnel); None: a plain client, none is sent.
+    client_id: Option<HeaderValue>,
     /// False when the inbound policy denied the connection: requests are answered 403.
     allowed: bool,
     /// A plain HTTP/1 connection's own connection to the app (requests come one at a time).
@@ -262,6 +318,15 @@ impl Service<Request<BoxBody>> for ToApp {
 }
 
 impl ToApp {
+    /// Strips the client's (forged) `tern-*` headers and adds the verified `tern-client-id`,
+    /// when there is one.
+    fn clean(&self, headers: &mut http::HeaderMap) {
+        h::strip_tern_headers(headers);
+        if let Some(id) = &self.client_id {
+            headers.insert(h::CLIENT_ID, id.clone());
+        }
+    }
+
     async fn forward(&self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
         if !self.allowed {
             let grpc = h::is_grpc(req.headers());
@@ -270,7 +335,7 @@ impl ToApp {
         // A plain client's tern-* headers are forged by definition; a mesh request was cleaned
         // by `from_mesh`, which added the verified tern-client-id.
         if !self.meshed {
-            h::strip_tern_headers(req.headers_mut());
+            self.clean(req.headers_mut());
         }
         h::strip_hop_by_hop(req.headers_mut());
         if let Some(client) = &self.conn_client {
@@ -309,16 +374,21 @@ impl ToApp {
         let client_side = hyper::upgrade::on(&mut req);
         let connect = req.method() == Method::CONNECT;
         let upgrade = req.headers().get(header::UPGRADE).cloned();
-        h::strip_tern_headers(req.headers_mut());
+        self.clean(req.headers_mut());
         h::strip_hop_by_hop(req.headers_mut());
         if let Some(upgrade) = upgrade {
             let headers = req.headers_mut();
             headers.insert(header::UPGRADE, upgrade);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        let stream =
-            crate::transport::connect::connect(self.app, self.inbound.config.connect_timeout)
-                .await?;
+        let spare = self.conn_client.as_ref().and_then(|c| c.take_spare());
+        let stream = match spare {
+            Some(s) => s,
+            None => {
+                crate::transport::connect::connect(self.app, self.inbound.config.connect_timeout)
+                    .await?
+            }
+        };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(async move {

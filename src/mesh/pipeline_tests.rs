@@ -303,3 +303,147 @@ async fn foreign_ca_client_is_refused_at_the_handshake() {
     client.stop().await;
     server.stop().await;
 }
+
+/// An HTTP/1 app that records every request head it gets. An `Upgrade` request is answered
+/// 101 and the connection then echoes; any other request gets `200 ok` and the connection closes.
+async fn recording_app() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+                    match s.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let upgrade = head.contains("\r\nupgrade: websocket");
+                let _ = tx.send(head);
+                if upgrade {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                        .await;
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                } else {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Reads from `s` until the end of a response head.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A compromised app in a meshed pod writes a forged `tern-client-id` into requests its own
+/// proxy carries as opaque mesh tunnels (an upgrade, a long method): the server-side proxy
+/// parses them, and the app sees the verified client identity only. The upgrade still works.
+#[tokio::test]
+async fn forged_client_id_inside_a_mesh_tunnel_never_reaches_the_app() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("cluster.local").expect("ca");
+    let (app, mut heads) = recording_app().await;
+    let server = server_proxy(&ca, app, &[]);
+    let client_id = "spiffe://cluster.local/ns/shop/sa/web";
+    let client = client_proxy(
+        &ca,
+        client_id,
+        app,
+        server.addrs.inbound,
+        "spiffe://cluster.local/ns/shop/sa/echo",
+        dir.path(),
+    );
+    let entry = client.addrs.outbound[0];
+    let verified = format!("\r\ntern-client-id: {client_id}\r\n");
+    let forged = "spiffe://cluster.local/ns/shop/sa/forged";
+
+    // (a) A WebSocket upgrade with a forged identity (two spellings): the app gets the
+    // verified one, switches protocols, and the tunnel then carries bytes both ways.
+    let mut s = TcpStream::connect(entry).await.expect("connect");
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: echo.shop\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         tern-client-id: {forged}\r\nTERN-Client-Id: {forged}\r\ntern-whatever: x\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write upgrade");
+    let resp = read_head(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    let head = heads.recv().await.expect("the app saw the upgrade request");
+    assert!(
+        !head.contains("forged"),
+        "forged identity reached the app: {head}"
+    );
+    assert!(!head.contains("tern-whatever"), "{head}");
+    assert!(
+        head.contains(&verified),
+        "verified identity missing: {head}"
+    );
+    assert_eq!(head.matches("tern-client-id").count(), 1, "{head}");
+    s.write_all(b"hello through the upgrade")
+        .await
+        .expect("write");
+    let mut back = vec![0u8; b"hello through the upgrade".len()];
+    s.read_exact(&mut back).await.expect("echo after 101");
+    assert_eq!(back, b"hello through the upgrade");
+    drop(s);
+
+    // (b) A method longer than 20 bytes (tunnelled by the client's proxy) with a forged header.
+    let method = "X".repeat(30);
+    let req = format!("{method} / HTTP/1.1\r\nHost: echo.shop\r\ntern-client-id: {forged}\r\n\r\n");
+    let mut s = TcpStream::connect(entry).await.expect("connect");
+    s.write_all(req.as_bytes())
+        .await
+        .expect("write long method");
+    let back = read_head(&mut s).await;
+    assert!(back.starts_with("HTTP/1.1 200"), "{back}");
+    drop(s);
+    let head = heads
+        .recv()
+        .await
+        .expect("the app saw the long-method request");
+    assert!(head.starts_with(&method.to_ascii_lowercase()), "{head}");
+    assert!(
+        !head.contains("forged"),
+        "forged identity reached the app: {head}"
+    );
+    assert!(
+        head.contains(&verified),
+        "verified identity missing: {head}"
+    );
+
+    // Both went through the mesh as tunnels and were parsed as HTTP by the server side.
+    let sm = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &sm,
+            "tern_http_requests_total",
+            &format!("client_id=\"{client_id}\"")
+        ),
+        2.0,
+        "{sm}"
+    );
+    client.stop().await;
+    server.stop().await;
+}

@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{CONNECTION_WINDOW, MAX_STREAMS, PROXY_ERROR_HEADER, STREAM_WINDOW};
+use crate::detect::{self, Served};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
 use crate::http::{BoxBody, empty};
@@ -113,22 +114,55 @@ async fn stream(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let config = inbound.config.clone();
+    let opaque_port = inbound.config.is_opaque_port(port);
     tokio::spawn(async move {
-        let result = match on_upgrade.await {
-            Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                copy_bidirectional(
-                    &mut tunnel,
-                    &mut app,
-                    config.buffer_size,
-                    &forward::counters(&metrics),
-                )
-                .await
-                .map_err(ConnError::Io)
+        let tunnel = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                let e = ConnError::Io(std::io::Error::other(e));
+                forward::finish(metrics, started, Err(e));
+                return;
             }
-            Err(e) => Err(ConnError::Io(std::io::Error::other(e))),
         };
+        // The tunnel's bytes are the meshed client's app's, unchecked by its proxy when they
+        // open with an upgrade: HTTP is parsed here, so no forged tern-* header reaches the app.
+        let detected = detect::detect_recorded(
+            tunnel,
+            opaque_port,
+            inbound.config.detect_timeout,
+            Direction::inbound,
+            &inbound.detect,
+        )
+        .await;
+        let mut tunnel = match detected {
+            Ok(Served::Http(io, version)) => {
+                let serve = crate::inbound::http::serve_mesh_tunnel(
+                    inbound.clone(),
+                    io,
+                    version,
+                    dst,
+                    &conn,
+                    app,
+                    metrics,
+                    started,
+                );
+                Box::pin(serve).await;
+                return;
+            }
+            Ok(Served::Opaque(io)) => io,
+            Err(e) => {
+                forward::finish(metrics, started, Err(ConnError::Io(e)));
+                return;
+            }
+        };
+        let result = copy_bidirectional(
+            &mut tunnel,
+            &mut app,
+            inbound.config.buffer_size,
+            &forward::counters(&metrics),
+        )
+        .await
+        .map_err(ConnError::Io);
         forward::finish(metrics, started, result);
     });
     Response::new(empty())

@@ -353,7 +353,10 @@ fn websocket_upgrade_is_tunneled_opaque_through_mtls() {
         ],
         1.0,
     );
-    // An opaque tunnel: detected as such, no request metrics, the bytes counted on both sides.
+    // An opaque tunnel from A (the client's own upgrade is carried as is); B parses the upgrade
+    // request inside the tunnel (one request, answered 101: forged tern-* headers stripped,
+    // the verified tern-client-id set) and copies opaquely after the switch. The bytes are
+    // counted the same on both sides.
     assert_eq!(
         metric(
             &text_a,
@@ -362,11 +365,29 @@ fn websocket_upgrade_is_tunneled_opaque_through_mtls() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        metric(
+            &text_b,
+            "tern_detect_total",
+            &[("direction", "inbound"), ("protocol", "http1")]
+        ),
+        Some(1.0),
+        "{text_b}"
+    );
+    assert_eq!(
+        metric(&text_a, "tern_http_requests_total", &[]).unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &text_b,
+            "tern_http_responses_total",
+            &[("client_id", &id_a), ("status_code", "101")]
+        ),
+        Some(1.0),
+        "{text_b}"
+    );
     for text in [&text_a, &text_b] {
-        assert_eq!(
-            metric(text, "tern_http_requests_total", &[]).unwrap_or(0.0),
-            0.0
-        );
         assert_eq!(
             metric(text, "tern_tcp_connections_total", &[]),
             Some(1.0),
