@@ -119,6 +119,20 @@ pub async fn detect_recorded<T: AsyncRead + Unpin>(
     direction: Direction,
     metrics: &DetectMetrics,
 ) -> std::io::Result<Served<T>> {
+    let never = std::future::pending();
+    detect_recorded_until(io, opaque_port, timeout, direction, metrics, never).await
+}
+
+/// Like [`detect_recorded`], and detection also ends, as if it timed out, when `stop` completes
+/// (a server that speaks first: no client request is coming).
+pub async fn detect_recorded_until<T: AsyncRead + Unpin>(
+    io: T,
+    opaque_port: bool,
+    timeout: Duration,
+    direction: Direction,
+    metrics: &DetectMetrics,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<Served<T>> {
     if opaque_port {
         metrics.record(direction, Protocol::opaque_port, Duration::ZERO);
         return Ok(Served::Opaque(PrefixedIo::new(Bytes::new(), io)));
@@ -129,7 +143,7 @@ pub async fn detect_recorded<T: AsyncRead + Unpin>(
         Direction::inbound => Mode::ParseUpgrades,
         Direction::outbound => Mode::TunnelUpgrades,
     };
-    let (detected, took) = detect_mode(io, timeout, mode).await?;
+    let (detected, took) = detect_mode_until(io, timeout, mode, stop).await?;
     Ok(match detected {
         Detected::Http(io, version) => {
             let protocol = match version {
@@ -172,11 +186,22 @@ pub async fn detect<T: AsyncRead + Unpin>(
 
 /// Reads from `io` until the protocol is known or `timeout` passes.
 pub async fn detect_mode<T: AsyncRead + Unpin>(
-    mut io: T,
+    io: T,
     timeout: Duration,
     mode: Mode,
 ) -> std::io::Result<(Detected<T>, Duration)> {
+    detect_mode_until(io, timeout, mode, std::future::pending()).await
+}
+
+/// Reads from `io` until the protocol is known, or `timeout` passes or `stop` completes.
+async fn detect_mode_until<T: AsyncRead + Unpin>(
+    mut io: T,
+    timeout: Duration,
+    mode: Mode,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<(Detected<T>, Duration)> {
     let started = Instant::now();
+    let mut stop = std::pin::pin!(stop);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(512);
     let verdict = loop {
@@ -190,8 +215,13 @@ pub async fn detect_mode<T: AsyncRead + Unpin>(
         if buf.capacity() == buf.len() {
             buf.reserve(buf.len().max(512));
         }
-        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_) => {
+        // None: the detect timeout passed, or `stop` said no request is coming.
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => r.ok(),
+            () = &mut stop => None,
+        };
+        match read {
+            None => {
                 let request_line = http1_request_line(&buf);
                 let io = PrefixedIo::new(buf.freeze(), io);
                 // A complete request line whose head trickles in (slowloris) is HTTP: hyper's
@@ -202,10 +232,10 @@ pub async fn detect_mode<T: AsyncRead + Unpin>(
                 }
                 return Ok((Detected::TimedOut(io), started.elapsed()));
             }
-            Ok(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e),
             // EOF: whatever arrived is all there is; decide on it.
-            Ok(Ok(0)) => break classify(&buf, mode).or(Some(Verdict::Opaque)),
-            Ok(Ok(_)) => {}
+            Some(Ok(0)) => break classify(&buf, mode).or(Some(Verdict::Opaque)),
+            Some(Ok(_)) => {}
         }
     };
     let io = PrefixedIo::new(Bytes::from(buf), io);

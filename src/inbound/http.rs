@@ -75,14 +75,14 @@ pub async fn serve_plain(
 /// stripped and `tern-client-id` is set to the verified peer identity of `mesh`, and an upgrade
 /// becomes an opaque tunnel only once the app switched protocols. A meshed client (a
 /// compromised app elsewhere) cannot hand the app a forged identity inside an upgrade request.
-/// `app_conn` is the connection to the app the stream already made (used by the first request).
+/// `app` is the app's address and the connection to it the stream already made (used by the
+/// first request).
 pub(crate) async fn serve_mesh_tunnel<IO>(
     inbound: Arc<Inbound>,
     io: PrefixedIo<IO>,
     version: HttpVersion,
-    app: OrigDstAddr,
+    (app, app_conn): (OrigDstAddr, TcpStream),
     mesh: &MeshConn,
-    app_conn: TcpStream,
     conn: crate::metrics::ConnMetrics,
     started: std::time::Instant,
 ) where

@@ -447,3 +447,65 @@ async fn forged_client_id_inside_a_mesh_tunnel_never_reaches_the_app() {
     client.stop().await;
     server.stop().await;
 }
+
+/// A server-speaks-first app behind a mesh tunnel (a port not listed as opaque): the client
+/// already waited out its own proxy's detect timeout, and the server side stops detecting as soon
+/// as the app speaks, so the greeting arrives without a second wait (the server's detect
+/// timeout here is an hour).
+#[tokio::test]
+async fn server_first_app_through_a_mesh_tunnel_is_not_held_by_detection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new("cluster.local").expect("ca");
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello from the app\r\n").await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut c = ProxyConfig::loopback();
+    c.inbound_target = TargetMode::Fixed(app);
+    c.detect_timeout = HOUR;
+    let issued = ca
+        .issue(&id("spiffe://cluster.local/ns/shop/sa/echo"), HOUR)
+        .expect("issue");
+    let server = Running::start(c, Some(issued.identity().expect("identity")));
+    let file = dir.path().join("d.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  - name: echo.shop\n    endpoints:\n      - address: \"{app}\"\n        identity: spiffe://cluster.local/ns/shop/sa/echo\n        mesh_port: {}\n",
+            server.addrs.inbound.port()
+        ),
+    )
+    .expect("write discovery");
+    let mut c = ProxyConfig::loopback();
+    c.outbound_target = TargetMode::Fixed(app);
+    c.discovery_file = Some(file);
+    c.detect_timeout = Duration::from_millis(100);
+    let issued = ca
+        .issue(&id("spiffe://cluster.local/ns/shop/sa/web"), HOUR)
+        .expect("issue");
+    let client = Running::start(c, Some(issued.identity().expect("identity")));
+
+    let mut s = TcpStream::connect(client.addrs.outbound[0])
+        .await
+        .expect("connect");
+    let mut greeting = vec![0u8; b"220 hello from the app\r\n".len()];
+    tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut greeting))
+        .await
+        .expect("the greeting is not held until the server's detect timeout")
+        .expect("read greeting");
+    assert_eq!(greeting, b"220 hello from the app\r\n");
+    s.write_all(b"QUIT\r\n").await.expect("write");
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"QUIT\r\n");
+    drop(s);
+    client.stop().await;
+    server.stop().await;
+}

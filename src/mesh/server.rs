@@ -126,12 +126,19 @@ async fn stream(
         };
         // The tunnel's bytes are the meshed client's app's, unchecked by its proxy when they
         // open with an upgrade: HTTP is parsed here, so no forged tern-* header reaches the app.
-        let detected = detect::detect_recorded(
+        // An app that speaks first (its client waits for it) ends detection at once: the client
+        // already waited out its own proxy's detect timeout, it should not wait twice.
+        let app_spoke = async {
+            let mut b = [0u8; 1];
+            let _ = app.peek(&mut b).await;
+        };
+        let detected = detect::detect_recorded_until(
             tunnel,
             opaque_port,
             inbound.config.detect_timeout,
             Direction::inbound,
             &inbound.detect,
+            app_spoke,
         )
         .await;
         let mut tunnel = match detected {
@@ -140,9 +147,8 @@ async fn stream(
                     inbound.clone(),
                     io,
                     version,
-                    dst,
+                    (dst, app),
                     &conn,
-                    app,
                     metrics,
                     started,
                 );
