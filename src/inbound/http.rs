@@ -6,6 +6,7 @@
 //!             ─▶ HTTP/1 to the app when tern-orig-proto says so, else h2c ─▶ app
 //! plain conn  ─▶ (policy checked per connection) ─▶ strip tern-* ─▶ same protocol ─▶ app
 //!                  └▶ denied: every request answered 403 (gRPC PERMISSION_DENIED), none forwarded
+//! HTTP in a mesh CONNECT tunnel ─▶ like a plain conn, strip tern-* ─▶ add tern-client-id ─▶ app
 //! ```
 //!
 //! Metrics: `tern_http_*{direction="inbound"}`, with `tls` and `client_id`.

@@ -5,7 +5,8 @@
 //!                      │     HTTP ─▶ http::serve_plain (per request to the app) | other ─▶ copy
 //! peer ─▶ :4143 accept ┤
 //!                      └─ orig dst port = 4143 (or direct): mesh ─▶ TLS accept, verify client
-//!                            ─▶ mesh::server: per CONNECT stream ─▶ policy(port, client id) ─▶ connect app ─▶ copy
+//!                            ─▶ mesh::server: per CONNECT stream ─▶ policy(port, client id) ─▶ connect app
+//!                                               ─▶ detect: HTTP ─▶ http::serve_mesh_tunnel | other ─▶ copy
 //!                                             per HTTP stream    ─▶ http::from_mesh ─▶ app
 //! ```
 //!

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Each opaque TCP connection is one HTTP/2 `CONNECT` stream whose authority names the target
-//! `ip:port` inside the peer pod; the server uses the port (the IP is the pod's own) and strips
-//! nothing else because a tunnel carries no headers to the app. HTTP/2 flow control bounds what
+//! `ip:port` inside the peer pod; the server uses the port (the IP is the pod's own). A tunnel
+//! whose bytes turn out to be HTTP (an upgrade the client's proxy did not parse) is served as
+//! HTTP by the server, so its `tern-*` headers are replaced like those of any request. HTTP/2 flow control bounds what
 //! either side buffers per stream ([`STREAM_WINDOW`]), so a slow app slows the sender.
 //!
 //! Metrics: `tern_mesh_connections_total{direction}`, `tern_mesh_connections_open{direction}`,

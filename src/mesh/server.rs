@@ -2,7 +2,10 @@
 //! each `CONNECT ip:port` stream into a connection to the app's port.
 //!
 //! Per stream: authorize (`policy`, with the client's SPIFFE ID) → connect to the app → answer
-//! `200` → copy both ways. Refusals answer with a status and a `tern-proxy-error` header:
+//! `200` → detect the tunnel's first bytes (skipped on opaque ports; ended early when the app
+//! speaks first): HTTP is served by `inbound::http::serve_mesh_tunnel` (the client's `tern-*`
+//! headers stripped, the verified `tern-client-id` set, upgrades spliced only after the app
+//! switched protocols), anything else is copied both ways. Refusals answer with a status and a `tern-proxy-error` header:
 //! 403 `unauthorized`, 400 `bad_target`, 508 `loop`, 502 `connect_refused` / `connect_timeout` /
 //! `connect_error`, 405 `not_connect` (plain HTTP requests arrive with the HTTP issue).
 //! Each stream is counted as an inbound TCP connection with `tls="true"` and its `client_id`.
