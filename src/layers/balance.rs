@@ -78,7 +78,7 @@ impl Tried {
             .contains(&addr)
     }
 
-    fn push(&self, addr: SocketAddr) {
+    pub fn push(&self, addr: SocketAddr) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
     }
 
@@ -144,6 +144,39 @@ impl EndpointState {
             e.rtt_ns = e.rtt_ns * w + sample * (1.0 - w);
         }
         e.stamp = now;
+    }
+}
+
+/// An open TCP connection to an endpoint (opaque TCP is balanced per connection): counted as
+/// load (like a pending request) until dropped. Its latency sample is the connect time, fed
+/// with [`OpenConnection::connected`]; a failed connect feeds a penalty instead
+/// ([`OpenConnection::failed`]), since a refusal comes back fast and would otherwise make a dead
+/// endpoint look like the fastest one.
+#[derive(Debug)]
+pub struct OpenConnection {
+    endpoint: Arc<EndpointState>,
+}
+
+impl OpenConnection {
+    pub fn new(endpoint: Arc<EndpointState>) -> Self {
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        OpenConnection { endpoint }
+    }
+
+    /// The connection is established after `latency`.
+    pub fn connected(&self, latency: Duration) {
+        self.endpoint.observe(latency, Instant::now());
+    }
+
+    /// Connecting failed: the endpoint's estimate jumps to `penalty` (the connect timeout).
+    pub fn failed(&self, penalty: Duration) {
+        self.endpoint.observe(penalty, Instant::now());
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -98,7 +98,8 @@ impl Cluster {
         let pod = |name: &str, ip: &str, port: &str| -> Netns {
             let ns = Netns::new(format!("{prefix}-{name}"));
             switch.run_ok(&[
-                "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+                "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns.name,
             ]);
             switch.run_ok(&["ip", "link", "set", port, "master", "br0", "up"]);
             // A /16: the service address 198.18.9.9 is on-link, so the app's connect() has a
@@ -157,10 +158,7 @@ impl Cluster {
             .map(|((ns, ip), mode)| {
                 let port = HTTP_PORT.to_string();
                 let mode = mode.to_str().expect("utf-8");
-                let p = ns.spawn(
-                    "fault_app",
-                    &["python3", "-c", FAULT_APP, ip, &port, mode],
-                );
+                let p = ns.spawn("fault_app", &["python3", "-c", FAULT_APP, ip, &port, mode]);
                 ns.wait_listening(ip, HTTP_PORT);
                 Some(p)
             })
@@ -391,9 +389,11 @@ fn faults_grpc_calls_on_one_connection_spread_across_pods() {
         ("ok", calls.to_string().as_str(), "failed", "0"),
         "{out}"
     );
-    let text = c
-        .client
-        .wait_metric("tern_http_responses_total", &[("direction", "outbound")], 900.0);
+    let text = c.client.wait_metric(
+        "tern_http_responses_total",
+        &[("direction", "outbound")],
+        900.0,
+    );
     // ONE connection from the app: one detected HTTP/2 connection on the client's proxy.
     assert_eq!(
         metric(&text, "tern_detect_total", &[("protocol", "http2")]),
@@ -411,9 +411,18 @@ fn faults_grpc_calls_on_one_connection_spread_across_pods() {
         pct(&share)
     );
     for (i, s) in share.iter().enumerate() {
-        assert!(*s >= 0.20, "server s{} got {:.1}%: {served:?}", i + 1, s * 100.0);
+        assert!(
+            *s >= 0.20,
+            "server s{} got {:.1}%: {served:?}",
+            i + 1,
+            s * 100.0
+        );
     }
-    assert_eq!(served.iter().sum::<f64>(), calls as f64, "no call was retried or lost");
+    assert_eq!(
+        served.iter().sum::<f64>(),
+        calls as f64,
+        "no call was retried or lost"
+    );
 }
 
 #[test]
@@ -459,7 +468,10 @@ fn faults_killed_pod_costs_no_failed_requests() {
         metric(
             &text,
             "tern_circuit_transitions_total",
-            &[("endpoint", &format!("{s2}:{HTTP_PORT}")), ("state", "open")]
+            &[
+                ("endpoint", &format!("{s2}:{HTTP_PORT}")),
+                ("state", "open")
+            ]
         )
         .is_some_and(|n| n >= 1.0),
         "the dead pod was ejected:\n{text}"
@@ -555,7 +567,10 @@ fn faults_failing_pod_is_ejected_retried_around_and_readmitted() {
         "503s were retried:\n{text}"
     );
     // Ejected within seconds: at 150 req/s a third of 5 s would be 250 requests.
-    assert!(s1_503 <= 40.0, "s1 kept getting traffic while failing: {s1_503}");
+    assert!(
+        s1_503 <= 40.0,
+        "s1 kept getting traffic while failing: {s1_503}"
+    );
     assert!(
         after[0] >= 0.1 * after.iter().sum::<f64>(),
         "s1 got traffic back after it recovered: {after:?}"
@@ -576,9 +591,7 @@ fn stack_overhead_per_request() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(500);
     let c = Cluster::start();
-    let cpu = || {
-        metric(&c.client.metrics(), "process_cpu_seconds_total", &[]).unwrap_or(f64::NAN)
-    };
+    let cpu = || metric(&c.client.metrics(), "process_cpu_seconds_total", &[]).unwrap_or(f64::NAN);
     for round in 0..2 {
         for (label, host) in [("stack", VIP_ONE), ("plain", SERVERS[0])] {
             let before = cpu();
