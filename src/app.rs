@@ -37,6 +37,7 @@ pub struct Proxy {
     registry: Arc<Registry>,
     identity: Option<Arc<IdentityStore>>,
     discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
+    dns_metrics: discover::dns::DnsMetrics,
     inbound: Arc<Inbound>,
     outbound: Arc<Outbound>,
     inbound_listener: TcpListener,
@@ -122,6 +123,7 @@ impl Proxy {
         if let Some(store) = &identity {
             check_identity_matches_pod(&config, store);
         }
+        let dns_metrics = discover::dns::DnsMetrics::register(tern);
         let discovery = match &config.discovery_file {
             Some(path) => {
                 let metrics = discover::file::FileMetrics::register(tern);
@@ -185,6 +187,7 @@ impl Proxy {
             registry: Arc::new(registry),
             identity,
             discovery,
+            dns_metrics,
             inbound,
             outbound,
             inbound_listener,
@@ -232,6 +235,11 @@ impl Proxy {
             background.push(store.watch(dir.clone(), config.identity_reload_interval));
         }
         if let (Some((d, metrics, seen)), Some(path)) = (self.discovery, &config.discovery_file) {
+            background.push(tokio::spawn(discover::dns::watch(
+                d.clone(),
+                config.dns(),
+                self.dns_metrics,
+            )));
             background.push(tokio::spawn(discover::file::watch(
                 path.clone(),
                 d,

@@ -214,6 +214,26 @@ pub struct ProxyArgs {
     /// its own thread.
     #[arg(long, env = "TERN_WORKERS", default_value_t = 1)]
     pub workers: usize,
+
+    /// resolv.conf for DNS discovery (discovery-file services with `dns:`): nameservers,
+    /// `search`, `ndots`, timeouts.
+    #[arg(long, env = "TERN_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+
+    /// DNS discovery: ask this nameserver (`ip:port`) instead of the resolv.conf ones (its
+    /// `search` and `ndots` still apply).
+    #[arg(long, env = "TERN_DNS_NAMESERVER")]
+    pub dns_nameserver: Option<SocketAddr>,
+
+    /// DNS discovery: a name is resolved again at the earliest this long after its last answer,
+    /// whatever its TTL (and this long after a failed lookup).
+    #[arg(long, env = "TERN_DNS_MIN_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub dns_min_ttl: Duration,
+
+    /// DNS discovery: a name is resolved again at the latest this long after its last answer,
+    /// whatever its TTL.
+    #[arg(long, env = "TERN_DNS_MAX_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub dns_max_ttl: Duration,
 }
 
 /// Flags of `tern init`.

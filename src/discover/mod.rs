@@ -1,16 +1,18 @@
 //! Discovery: which endpoints back a destination, and what identity each has.
 //!
-//! Sources sit behind [`Discovery`]: today the YAML **file** source ([`file`]), hot-reloaded.
+//! Sources sit behind [`Discovery`]: today the YAML **file** source ([`file`]), hot-reloaded,
+//! whose services may take their endpoints from **DNS** records ([`dns`], re-resolved on TTL).
 //! A destination that no source knows resolves to `None`, and the caller forwards it to its
 //! original address (probing the mesh port first when it is in the cluster's networks).
 //!
 //! Metrics: `tern_discovery_reloads_total`, `tern_discovery_reload_failures_total`,
-//! `tern_discovery_services` (see [`file::FileMetrics`]).
+//! `tern_discovery_services` (see [`file::FileMetrics`]); `tern_dns_*` (see [`dns::DnsMetrics`]).
 
+pub mod dns;
 pub mod file;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::tls::SpiffeId;
@@ -115,6 +117,8 @@ impl std::str::FromStr for RetryOn {
 pub struct Snapshot {
     /// Service address (VIP:port) or endpoint address → resolution.
     by_addr: std::collections::HashMap<SocketAddr, Resolved>,
+    /// Services whose endpoints come (partly) from DNS: [`Discovery`] adds their records.
+    dns: Vec<dns::DnsService>,
 }
 
 impl Snapshot {
@@ -135,12 +139,17 @@ impl Snapshot {
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
     current: Arc<RwLock<Arc<Snapshot>>>,
+    /// The snapshot as its source gave it and the DNS records added to it; `current` is
+    /// their composition.
+    dns: Arc<Mutex<dns::Overlay>>,
 }
 
 impl Discovery {
     pub fn new(snapshot: Snapshot) -> Self {
+        let overlay = dns::Overlay::new(snapshot);
         Discovery {
-            current: Arc::new(RwLock::new(Arc::new(snapshot))),
+            current: Arc::new(RwLock::new(overlay.compose())),
+            dns: Arc::new(Mutex::new(overlay)),
         }
     }
 
@@ -158,6 +167,27 @@ impl Discovery {
     }
 
     pub(crate) fn replace(&self, snapshot: Snapshot) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+        let mut overlay = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        overlay.set_base(snapshot);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = overlay.compose();
+    }
+
+    /// The DNS names the current snapshot takes endpoints from.
+    pub fn dns_names(&self) -> Vec<dns::DnsName> {
+        self.dns.lock().unwrap_or_else(|p| p.into_inner()).names()
+    }
+
+    /// New records for `name`; true when they changed the snapshot.
+    pub(crate) fn set_dns_records(
+        &self,
+        name: &dns::DnsName,
+        ips: Arc<[std::net::IpAddr]>,
+    ) -> bool {
+        let mut overlay = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        if !overlay.set_records(name, ips) {
+            return false;
+        }
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = overlay.compose();
+        true
     }
 }
