@@ -316,14 +316,15 @@ pub async fn watch(discovery: Discovery, config: DnsConfig, metrics: DnsMetrics)
             let wait = resolve(&discovery, &config, &metrics, &mut resolver, &name).await;
             due.insert(name, Instant::now() + wait);
         }
-        let next = due
-            .values()
-            .min()
-            .copied()
-            .unwrap_or_else(Instant::now)
-            .min(Instant::now() + RECHECK);
-        tokio::time::sleep_until(next).await;
+        tokio::time::sleep_until(next_wake(&due, Instant::now())).await;
     }
+}
+
+/// When the watcher looks again: the earliest due name, but at the latest after [`RECHECK`]
+/// (also when no name is due: never at once, or an idle watcher would spin).
+fn next_wake(due: &HashMap<DnsName, Instant>, now: Instant) -> Instant {
+    let recheck = now + RECHECK;
+    due.values().min().map_or(recheck, |t| (*t).min(recheck))
 }
 
 /// One lookup of `name`; returns how long until the next.
@@ -396,6 +397,20 @@ mod tests {
     use super::*;
     use crate::config::{ProxyConfig, TargetMode};
     use crate::demo::metric_value;
+
+    #[test]
+    fn the_watcher_sleeps_until_the_first_name_is_due_and_never_spins() {
+        let now = Instant::now();
+        assert_eq!(next_wake(&HashMap::new(), now), now + RECHECK);
+        let name = |s: &str| s.parse::<DnsName>().expect("name");
+        let due = HashMap::from([
+            (name("a:1"), now + Duration::from_millis(300)),
+            (name("b:1"), now + Duration::from_millis(200)),
+        ]);
+        assert_eq!(next_wake(&due, now), now + Duration::from_millis(200));
+        let late = HashMap::from([(name("a:1"), now + Duration::from_secs(60))]);
+        assert_eq!(next_wake(&late, now), now + RECHECK, "a reload is noticed");
+    }
 
     #[test]
     fn names_parse_and_bad_ones_are_refused() {

@@ -37,6 +37,42 @@ use crate::transport::prefixed::PrefixedIo;
 /// Endpoints tried for one connection before it is given up.
 pub const CONNECT_ATTEMPTS: usize = 3;
 
+/// Records a connect's outcome in the endpoint's breaker exactly once; dropped unrecorded (the
+/// connection went away while connecting) it abandons a probe, so the endpoint is not left
+/// probing for good.
+struct Outcome<'a> {
+    outbound: &'a Outbound,
+    service: &'a str,
+    endpoint: &'a EndpointState,
+    recorded: bool,
+}
+
+impl Outcome<'_> {
+    fn record(&mut self, success: bool) {
+        self.recorded = true;
+        let changed = self.endpoint.breaker().record(success, Instant::now());
+        self.transition(changed);
+    }
+
+    fn transition(&self, changed: Option<crate::layers::breaker::CircuitState>) {
+        if let Some(state) = changed {
+            self.outbound
+                .metrics
+                .breaker
+                .transition(self.service, self.endpoint.endpoint.addr, state);
+        }
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.recorded {
+            let changed = self.endpoint.breaker().abandon(Instant::now());
+            self.transition(changed);
+        }
+    }
+}
+
 /// A connection's upstream side: a plain socket or a mesh tunnel.
 enum Upstream {
     Plain(TcpStream),
@@ -64,18 +100,24 @@ impl Outbound {
             };
             tried.push(endpoint.endpoint.addr);
             let load = OpenConnection::new(endpoint.clone());
+            let mut outcome = Outcome {
+                outbound: self,
+                service: &dst.name,
+                endpoint: &endpoint,
+                recorded: false,
+            };
             let t0 = Instant::now();
             match self.connect_endpoint(&endpoint).await {
                 Ok(upstream) => {
                     load.connected(t0.elapsed());
-                    self.record(dst, &endpoint, true);
+                    outcome.record(true);
                     self.copy_to(&mut io, upstream, started).await;
                     drop(load);
                     return;
                 }
                 Err(e) => {
                     load.failed(self.config.connect_timeout);
-                    self.record(dst, &endpoint, false);
+                    outcome.record(false);
                     let again = never_reached(&e);
                     tracing::debug!(service = %dst.name, endpoint = %endpoint.endpoint.addr, error = %e, retry = again, "TCP connect to an endpoint failed");
                     last = Some(e);
@@ -117,14 +159,6 @@ impl Outbound {
         }
     }
 
-    fn record(&self, dst: &ServiceDst, endpoint: &EndpointState, success: bool) {
-        let changed = endpoint.breaker().record(success, Instant::now());
-        if let Some(state) = changed {
-            self.metrics
-                .breaker
-                .transition(&dst.name, endpoint.endpoint.addr, state);
-        }
-    }
 
     async fn copy_to(&self, io: &mut PrefixedIo<TcpStream>, upstream: Upstream, started: Instant) {
         match upstream {

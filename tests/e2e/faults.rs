@@ -504,11 +504,13 @@ fn faults_slow_pod_gets_a_smaller_share() {
         resilience(&text, "web.e2e")
     );
     assert_eq!(load.ok, load.total, "{}", load.statuses);
-    // Peak-EWMA: the slow pod wins only when P2C draws it twice (about 1/9).
+    // Peak-EWMA: the slow pod wins only when P2C draws it twice (about 1/9). (Between the fast
+    // two the split may be uneven: a latency spike on one, say from a busy machine, makes
+    // peak-EWMA avoid it for a while, by design.)
     assert!(share[2] < 0.2, "slow s3 got {:.1}%", share[2] * 100.0);
     assert!(
-        share[0] > 0.3 && share[1] > 0.3,
-        "the fast pods took the rest: {}",
+        share[2] < 0.5 * share[0].max(share[1]) && share[0] + share[1] > 0.75,
+        "the fast pods took most: {}",
         pct(&share)
     );
 }
