@@ -56,10 +56,11 @@ impl Outcome<'_> {
 
     fn transition(&self, changed: Option<crate::layers::breaker::CircuitState>) {
         if let Some(state) = changed {
-            self.outbound
-                .metrics
-                .breaker
-                .transition(self.service, self.endpoint.endpoint.addr, state);
+            self.outbound.metrics.breaker.transition(
+                self.service,
+                self.endpoint.endpoint.addr,
+                state,
+            );
         }
     }
 }
@@ -158,7 +159,6 @@ impl Outbound {
             }
         }
     }
-
 
     async fn copy_to(&self, io: &mut PrefixedIo<TcpStream>, upstream: Upstream, started: Instant) {
         match upstream {

@@ -27,6 +27,8 @@ const VIP: &str = "198.18.9.9";
 /// A second service with one endpoint (s1), for the overhead comparison.
 const VIP_ONE: &str = "198.18.9.10";
 const HTTP_PORT: u16 = 8000;
+/// nginx on s1, for the overhead comparison (a steadier server than Python).
+const NGINX_PORT: u16 = 8090;
 const GRPC_PORT: u16 = 9000;
 
 /// A bridge namespace, a client pod and three server pods, proxies running. Field order is
@@ -71,11 +73,11 @@ fn discovery_yaml() -> String {
          \x20     on: [\"unavailable\"]\n\
          \x20   endpoints:\n{}\
          \x20 - name: one.e2e\n\
-         \x20   addresses: [\"{VIP_ONE}:{HTTP_PORT}\"]\n\
+         \x20   addresses: [\"{VIP_ONE}:{NGINX_PORT}\"]\n\
          \x20   endpoints:\n{}",
         endpoints(HTTP_PORT, &SERVERS),
         endpoints(GRPC_PORT, &SERVERS),
-        endpoints(HTTP_PORT, &SERVERS[..1]),
+        endpoints(NGINX_PORT, &SERVERS[..1]),
     )
 }
 
@@ -585,7 +587,7 @@ fn faults_failing_pod_is_ejected_retried_around_and_readmitted() {
 #[test]
 #[ignore = "benchmark; run explicitly with --release --ignored --nocapture"]
 fn stack_overhead_per_request() {
-    if !support::ready() || !have_oha() {
+    if !support::ready() || !have_oha() || !support::have(&["nginx"], &[]) {
         return;
     }
     let rate: u32 = std::env::var("RATE")
@@ -593,11 +595,30 @@ fn stack_overhead_per_request() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(500);
     let c = Cluster::start();
+    let conf = c.dir.path().join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\npid {pid};\nerror_log stderr warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+               server {{ listen {ip}:{NGINX_PORT}; location / {{ return 200 \"hello\\n\"; }} }} }}\n",
+            pid = c.dir.path().join("nginx.pid").display(),
+            ip = SERVERS[0]
+        ),
+    )
+    .expect("write nginx.conf");
+    let conf = conf.to_str().expect("utf-8");
+    let _nginx = c.servers[0].spawn(
+        "nginx",
+        &["nginx", "-c", conf, "-e", "stderr", "-g", "daemon off;"],
+    );
+    c.servers[0].wait_listening(SERVERS[0], NGINX_PORT);
     let cpu = || metric(&c.client.metrics(), "process_cpu_seconds_total", &[]).unwrap_or(f64::NAN);
     for round in 0..2 {
         for (label, host) in [("stack", VIP_ONE), ("plain", SERVERS[0])] {
             let before = cpu();
-            let url = format!("http://{host}:{HTTP_PORT}/");
+            let url = format!("http://{host}:{NGINX_PORT}/");
             let load = c.oha(&url, rate, 10, false).finish();
             let used = cpu() - before;
             assert_eq!(load.ok, load.total, "{}", load.statuses);
