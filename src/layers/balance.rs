@@ -245,6 +245,9 @@ pub struct Balancer {
     source: EndpointSource,
     set: Mutex<Set>,
     gauges: [Gauge; 3],
+    /// Where an ejected endpoint's move to `probing` is counted (the other transitions are
+    /// counted where outcomes are recorded).
+    transitions: Option<super::breaker::BreakerMetrics>,
 }
 
 struct Set {
@@ -290,7 +293,14 @@ impl Balancer {
                 rng: seed | 1,
             }),
             gauges,
+            transitions: None,
         }
+    }
+
+    /// Counts the `probing` transitions of this balancer's endpoints in `metrics`.
+    pub fn with_transitions(mut self, metrics: super::breaker::BreakerMetrics) -> Self {
+        self.transitions = Some(metrics);
+        self
     }
 
     pub fn service(&self) -> &Arc<str> {
@@ -347,9 +357,12 @@ impl Balancer {
         } else {
             available[a].clone()
         };
-        if chosen.breaker().on_pick(now).is_some() {
+        if let Some(state) = chosen.breaker().on_pick(now) {
             self.gauges[1].inc();
             self.gauges[2].dec();
+            if let Some(m) = &self.transitions {
+                m.transition(&self.service, chosen.endpoint.addr, state);
+            }
         }
         Ok(chosen)
     }

@@ -292,11 +292,10 @@ impl Outbound {
                 .map_or_else(|| Arc::from(Vec::new()), |r| r.endpoints)
         });
         let state = Arc::new(ServiceState {
-            balancer: Arc::new(Balancer::new(
-                Arc::from(dst.name.as_str()),
-                source,
-                &self.metrics.balance,
-            )),
+            balancer: Arc::new(
+                Balancer::new(Arc::from(dst.name.as_str()), source, &self.metrics.balance)
+                    .with_transitions(self.metrics.breaker.clone()),
+            ),
             budget: Arc::new(Budget::default()),
         });
         services.insert(dst.name.clone(), state.clone());
