@@ -279,8 +279,11 @@ mod tests {
         }
         let counts: Vec<usize> = apps.iter().map(|(_, n)| n.load(Ordering::SeqCst)).collect();
         assert_eq!(counts.iter().sum::<usize>(), 45, "{counts:?}");
+        // Spread, and by load: an endpoint whose connect time spiked is avoided until the
+        // others carry more open connections, so the split need not be even, but no endpoint
+        // takes most of them and none is left out.
         assert!(
-            counts.iter().all(|n| *n >= 8),
+            counts.iter().all(|n| *n >= 2) && counts.iter().all(|n| *n <= 30),
             "open connections spread: {counts:?}"
         );
         drop(open);
