@@ -132,6 +132,25 @@ impl Proxy {
             }
             None => None,
         };
+        let kube = match &config.kubernetes {
+            Some(api) => match start_kube(&config, api, identity.as_deref(), tern) {
+                Ok(k) => Some(k),
+                // `auto` found KUBERNETES_SERVICE_HOST but no usable service account: run
+                // without Kubernetes discovery rather than not at all.
+                Err(e) if config.discovery == crate::cli::DiscoveryMode::Auto => {
+                    tracing::warn!(error = format!("{e:#}"), "Kubernetes discovery off");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let outbound_discovery = match (&discovery, kube) {
+            (Some((d, _, _)), Some(k)) => Some(d.clone().with_kube(k)),
+            (Some((d, _, _)), None) => Some(d.clone()),
+            (None, Some(k)) => Some(Discovery::default().with_kube(k)),
+            (None, None) => None,
+        };
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
 
@@ -176,7 +195,7 @@ impl Proxy {
                 breaker: crate::layers::breaker::BreakerMetrics::register(tern),
                 retry: crate::layers::retry::RetryMetrics::register(tern),
             },
-            discovery.as_ref().map(|(d, _, _)| d.clone()),
+            outbound_discovery,
             identity
                 .clone()
                 .map(|store| MeshClient::new(store, mesh_metrics)),
@@ -346,6 +365,36 @@ async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+/// Starts Kubernetes discovery: the client (the pod's service account, or `--kube-api-url`)
+/// and the cluster-wide Services watch. Endpoints are watched later, per destination in use.
+fn start_kube(
+    config: &ProxyConfig,
+    api: &discover::kube::ApiServer,
+    identity: Option<&IdentityStore>,
+    registry: &mut Registry,
+) -> anyhow::Result<discover::kube::KubeDiscovery> {
+    let client = discover::kube::client(api)
+        .context("starting Kubernetes discovery (--discovery, --kube-api-url)")?;
+    let namespace = config
+        .pod_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let settings = discover::kube::KubeSettings {
+        cluster_domain: config.cluster_domain.clone(),
+        namespace,
+        trust_domain: identity.map(|s| s.identity().id().trust_domain().to_string()),
+        idle_timeout: config.discovery_idle_timeout,
+        timeout: config.discovery_timeout,
+        backoff: Duration::from_millis(500),
+    };
+    tracing::info!(?api, namespace = %settings.namespace, "Kubernetes discovery on");
+    Ok(discover::kube::KubeDiscovery::start(
+        client,
+        settings,
+        discover::kube::KubeMetrics::register(registry),
+    ))
 }
 
 /// Warns when the identity does not belong to this pod's namespace and service account.

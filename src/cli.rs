@@ -201,7 +201,9 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_POD_NAME")]
     pub pod_name: Option<String>,
 
-    /// This pod's namespace (downward API); the identity is checked against it at start-up.
+    /// This pod's namespace (downward API); the identity is checked against it at start-up, and
+    /// Kubernetes discovery resolves a bare Service name (`web`) in it (default: the service
+    /// account's namespace).
     #[arg(long, env = "TERN_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 
@@ -234,6 +236,52 @@ pub struct ProxyArgs {
     /// whatever its TTL.
     #[arg(long, env = "TERN_DNS_MAX_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub dns_max_ttl: Duration,
+
+    /// Discovery sources. `auto`: Kubernetes when running in a cluster (KUBERNETES_SERVICE_HOST
+    /// is set) or when --kube-api-url is given, plus the discovery file when --discovery-file is
+    /// given. `kubernetes`: Kubernetes (in-cluster, or --kube-api-url), plus the file when given.
+    /// `file`: the discovery file only. `none`: no discovery (every destination is unknown).
+    #[arg(long, env = "TERN_DISCOVERY", value_enum, default_value_t = DiscoveryMode::Auto)]
+    pub discovery: DiscoveryMode,
+
+    /// The cluster's DNS domain: authorities `name.namespace.svc.<domain>` name Services.
+    #[arg(long, env = "TERN_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Kubernetes discovery: the watches of a destination (its EndpointSlices and Pods) stop
+    /// after it has been unused this long.
+    #[arg(long, env = "TERN_DISCOVERY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub discovery_idle_timeout: Duration,
+
+    /// Kubernetes discovery: how long the first connection to a destination may wait for its
+    /// first list from the API server; after that it is forwarded as unknown (to the original
+    /// address, where kube-proxy balances it).
+    #[arg(long, env = "TERN_DISCOVERY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub discovery_timeout: Duration,
+
+    /// Kubernetes discovery: talk to the API server at this URL without authentication instead
+    /// of the in-cluster service account (outside a cluster: `kubectl proxy`, then
+    /// `--kube-api-url http://127.0.0.1:8001`).
+    #[arg(long, env = "TERN_KUBE_API_URL")]
+    pub kube_api_url: Option<http::Uri>,
+
+    /// Set by Kubernetes in every pod; `--discovery auto` turns Kubernetes discovery on when present.
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    pub kubernetes_service_host: Option<String>,
+}
+
+/// Which discovery sources `tern proxy` uses (`--discovery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryMode {
+    /// Kubernetes when in a cluster, plus the file when given.
+    Auto,
+    /// Kubernetes (required), plus the file when given.
+    Kubernetes,
+    /// The discovery file only.
+    File,
+    /// No discovery.
+    None,
 }
 
 /// Flags of `tern init`.

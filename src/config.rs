@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::addr::PortRange;
-use crate::cli::ProxyArgs;
+use crate::cli::{DiscoveryMode, ProxyArgs};
+use crate::discover::kube::ApiServer;
 use crate::inbound::policy::{DefaultPolicy, PortRule};
 
 /// A configuration value the proxy refuses, naming the flag and its environment variable.
@@ -40,6 +41,16 @@ pub enum ConfigError {
         "--require-mtls (TERN_REQUIRE_MTLS) needs an identity: set --identity-dir (TERN_IDENTITY_DIR)"
     )]
     RequireMtlsWithoutIdentity,
+    #[error("--discovery file (TERN_DISCOVERY) needs --discovery-file (TERN_DISCOVERY_FILE)")]
+    DiscoveryFileMissing,
+    #[error("--{flag} ({env}) must be between {min:?} and {max:?}, got {value:?}")]
+    DiscoveryDuration {
+        flag: &'static str,
+        env: &'static str,
+        min: Duration,
+        max: Duration,
+        value: Duration,
+    },
     #[error("--outbound-addrs (TERN_OUTBOUND_ADDRS) must name at least one address")]
     NoOutboundAddrs,
     #[error("--{flag} ({env}) {addr} is one of the proxy's own listeners: that would be a loop")]
@@ -111,6 +122,16 @@ pub struct ProxyConfig {
     pub dns_min_ttl: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub dns_max_ttl: Duration,
+    /// Kubernetes discovery: where the API server is; `None`: off.
+    pub kubernetes: Option<ApiServer>,
+    /// `--discovery`: with `auto`, a Kubernetes client that cannot be built is a warning, not a
+    /// start-up failure.
+    pub discovery: DiscoveryMode,
+    pub cluster_domain: String,
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_idle_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -199,6 +220,7 @@ impl ProxyConfig {
                 addr: t,
             });
         }
+        let (kubernetes, discovery_file) = discovery_sources(a)?;
         let mode = |t: Option<SocketAddr>| t.map_or(TargetMode::OrigDst, TargetMode::Fixed);
         Ok(ProxyConfig {
             outbound_addrs: a.outbound_addrs.clone(),
@@ -216,7 +238,7 @@ impl ProxyConfig {
             workers: a.workers,
             identity_dir: a.identity_dir.clone(),
             identity_reload_interval: a.identity_reload_interval,
-            discovery_file: a.discovery_file.clone(),
+            discovery_file,
             discovery_reload_interval: a.discovery_reload_interval,
             cluster_networks: a.cluster_networks.clone(),
             service_networks: a.service_networks.clone(),
@@ -234,8 +256,64 @@ impl ProxyConfig {
             dns_nameserver: a.dns_nameserver,
             dns_min_ttl: a.dns_min_ttl,
             dns_max_ttl: a.dns_max_ttl,
+            kubernetes,
+            discovery: a.discovery,
+            cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
+            discovery_idle_timeout: a.discovery_idle_timeout,
+            discovery_timeout: a.discovery_timeout,
         })
     }
+}
+
+/// The discovery sources `--discovery` selects: the Kubernetes API server, the file.
+fn discovery_sources(a: &ProxyArgs) -> Result<(Option<ApiServer>, Option<PathBuf>), ConfigError> {
+    for (flag, env, value, min, max) in [
+        (
+            "discovery-timeout",
+            "TERN_DISCOVERY_TIMEOUT",
+            a.discovery_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+        ),
+        (
+            "discovery-idle-timeout",
+            "TERN_DISCOVERY_IDLE_TIMEOUT",
+            a.discovery_idle_timeout,
+            Duration::from_millis(10),
+            Duration::from_secs(24 * 3600),
+        ),
+    ] {
+        if value < min || value > max {
+            return Err(ConfigError::DiscoveryDuration {
+                flag,
+                env,
+                min,
+                max,
+                value,
+            });
+        }
+    }
+    let explicit = a.kube_api_url.clone().map(ApiServer::Url);
+    Ok(match a.discovery {
+        DiscoveryMode::Auto => (
+            explicit.or_else(|| {
+                a.kubernetes_service_host
+                    .as_ref()
+                    .filter(|h| !h.is_empty())
+                    .map(|_| ApiServer::InCluster)
+            }),
+            a.discovery_file.clone(),
+        ),
+        DiscoveryMode::Kubernetes => (
+            Some(explicit.unwrap_or(ApiServer::InCluster)),
+            a.discovery_file.clone(),
+        ),
+        DiscoveryMode::File => match &a.discovery_file {
+            Some(f) => (None, Some(f.clone())),
+            None => return Err(ConfigError::DiscoveryFileMissing),
+        },
+        DiscoveryMode::None => (None, None),
+    })
 }
 
 impl ProxyConfig {
@@ -273,7 +351,10 @@ impl ProxyConfig {
         let crate::cli::Command::Proxy(args) = cli.command else {
             unreachable!("parsed a proxy command");
         };
-        ProxyConfig::from_args(&args).expect("the loopback defaults are valid")
+        let mut c = ProxyConfig::from_args(&args).expect("the loopback defaults are valid");
+        // Never the API server of a cluster the tests happen to run in.
+        c.kubernetes = None;
+        c
     }
 }
 
@@ -368,5 +449,81 @@ mod tests {
             "none by default"
         );
         assert_eq!(json["outbound_target"]["mode"], "orig_dst");
+    }
+
+    #[test]
+    fn discovery_sources_follow_the_mode() {
+        // `--kubernetes-service-host` stands in for the KUBERNETES_SERVICE_HOST a pod gets.
+        let out = ["--kubernetes-service-host", ""];
+        let inside = ["--kubernetes-service-host", "10.96.0.1"];
+        let c = parse(&out).expect("valid");
+        assert_eq!(c.kubernetes, None, "auto outside a cluster: off");
+        let c = parse(&inside).expect("valid");
+        assert_eq!(
+            c.kubernetes,
+            Some(ApiServer::InCluster),
+            "auto in a cluster"
+        );
+        assert_eq!(c.discovery_timeout, Duration::from_secs(1));
+        assert_eq!(c.discovery_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.cluster_domain, "cluster.local");
+        let c = parse(
+            &[
+                &inside[..],
+                &["--discovery", "none", "--discovery-file", "d.yaml"],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.kubernetes, c.discovery_file),
+            (None, None),
+            "none: nothing"
+        );
+        let c = parse(
+            &[
+                &inside[..],
+                &["--discovery", "file", "--discovery-file", "d.yaml"],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(c.kubernetes, None, "file: the file only");
+        assert_eq!(c.discovery_file, Some(PathBuf::from("d.yaml")));
+        assert_eq!(
+            parse(&["--discovery", "file"]).expect_err("no file"),
+            ConfigError::DiscoveryFileMissing
+        );
+        let c = parse(
+            &[
+                &out[..],
+                &[
+                    "--discovery",
+                    "kubernetes",
+                    "--kube-api-url",
+                    "http://127.0.0.1:8001",
+                ],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.kubernetes,
+            Some(ApiServer::Url(
+                "http://127.0.0.1:8001".parse().expect("url")
+            ))
+        );
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["kubernetes"]["url"], "http://127.0.0.1:8001/");
+        let c = parse(&[&out[..], &["--cluster-domain", "example.org."]].concat()).expect("valid");
+        assert_eq!(c.cluster_domain, "example.org");
+        let e = parse(&["--discovery-timeout", "0s"]).expect_err("zero");
+        assert!(
+            e.to_string()
+                .contains("--discovery-timeout (TERN_DISCOVERY_TIMEOUT)"),
+            "{e}"
+        );
+        let e = parse(&["--discovery-idle-timeout", "1ms"]).expect_err("too short");
+        assert!(e.to_string().contains("--discovery-idle-timeout"), "{e}");
     }
 }

@@ -360,6 +360,35 @@ fn deploy_manifests_validate() {
     ] {
         assert!(kinds.contains(&needed), "deploy/ has no {needed}");
     }
+    // The proxies' discovery role: read-only, and covering what Kubernetes discovery watches.
+    let discovery = manifests
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "tern-proxy-discovery")
+        .expect("the proxies' discovery ClusterRole");
+    let mut granted = Vec::new();
+    for rule in discovery["rules"].as_array().expect("rules") {
+        for verb in rule["verbs"].as_array().expect("verbs") {
+            assert!(
+                ["get", "list", "watch"].contains(&verb.as_str().unwrap_or("")),
+                "discovery RBAC must be read-only: {rule}"
+            );
+        }
+        for r in rule["resources"].as_array().expect("resources") {
+            granted.push(r.as_str().unwrap_or("").to_string());
+        }
+    }
+    for needed in [
+        "services",
+        "endpointslices",
+        "pods",
+        "httproutes",
+        "grpcroutes",
+    ] {
+        assert!(
+            granted.iter().any(|g| g == needed),
+            "discovery RBAC lacks {needed}"
+        );
+    }
     let webhook = manifests
         .iter()
         .find(|d| d["kind"] == "MutatingWebhookConfiguration")

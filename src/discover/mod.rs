@@ -1,19 +1,36 @@
 //! Discovery: which endpoints back a destination, and what identity each has.
 //!
-//! Sources sit behind [`Discovery`]: today the YAML **file** source ([`file`]), hot-reloaded,
-//! whose services may take their endpoints from **DNS** records ([`dns`], re-resolved on TTL).
-//! A destination that no source knows resolves to `None`, and the caller forwards it to its
-//! original address (probing the mesh port first when it is in the cluster's networks).
+//! Sources sit behind [`Discovery`]: the YAML **file** source ([`file`]), hot-reloaded, whose
+//! services may take their endpoints from **DNS** records ([`dns`], re-resolved on TTL), and the
+//! **Kubernetes** source ([`kube`]): Services and EndpointSlices watched through the API server,
+//! lazily, per destination. A destination that no source knows resolves to `None`, and the
+//! caller forwards it to its original address (probing the mesh port first when it is in the
+//! cluster's networks). The file wins where both know a destination.
+//!
+//! The interface:
+//! - [`Discovery::lookup`] (async) resolves an original destination to a [`Watched`]: the
+//!   current [`Resolved`] and its changes (a `tokio::sync::watch` stream). The Kubernetes source
+//!   may wait here for its first list, bounded by `--discovery-timeout`; afterwards answers
+//!   come from the watched cache. Holding the [`Watched`] keeps the destination's watches
+//!   running; they stop after `--discovery-idle-timeout` without holders or lookups.
+//! - [`Discovery::lookup_authority`] does the same for an HTTP authority (`name`, `name.ns`,
+//!   `name.ns.svc`, `name.ns.svc.<cluster-domain>`, with or without port).
+//! - [`Discovery::resolve`] (sync) answers from what is already known, without waiting or
+//!   starting watches: the per-request path (the balancer's endpoint source) uses it.
 //!
 //! Metrics: `tern_discovery_reloads_total`, `tern_discovery_reload_failures_total`,
-//! `tern_discovery_services` (see [`file::FileMetrics`]); `tern_dns_*` (see [`dns::DnsMetrics`]).
+//! `tern_discovery_addresses` (see [`file::FileMetrics`]); `tern_dns_*` (see
+//! [`dns::DnsMetrics`]); the Kubernetes source's in [`kube::KubeMetrics`].
 
 pub mod dns;
 pub mod file;
+pub mod kube;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::tls::SpiffeId;
 
@@ -135,41 +152,81 @@ impl Snapshot {
     }
 }
 
-/// Shared handle to the current snapshot; cheap to clone.
+/// Shared handle to every configured source; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Discovery {
-    current: Arc<RwLock<Arc<Snapshot>>>,
-    /// The snapshot as its source gave it and the DNS records added to it; `current` is
-    /// their composition.
+    /// The file source's current snapshot (empty without a file).
+    current: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// The Kubernetes source, when on.
+    kube: Option<kube::KubeDiscovery>,
+    /// The snapshot as the file gave it and the DNS records added to it; `current` is their
+    /// composition.
     dns: Arc<Mutex<dns::Overlay>>,
 }
 
 impl Discovery {
+    /// A discovery of one fixed or file-fed snapshot.
     pub fn new(snapshot: Snapshot) -> Self {
         let overlay = dns::Overlay::new(snapshot);
         Discovery {
-            current: Arc::new(RwLock::new(overlay.compose())),
+            current: Arc::new(watch::Sender::new(overlay.compose())),
+            kube: None,
             dns: Arc::new(Mutex::new(overlay)),
         }
     }
 
-    /// Resolves an original destination. `None`: unknown to discovery.
+    /// Adds the Kubernetes source (consulted after the snapshot).
+    pub fn with_kube(mut self, kube: kube::KubeDiscovery) -> Self {
+        self.kube = Some(kube);
+        self
+    }
+
+    /// The Kubernetes source, for modules that start their own watches on its client.
+    pub fn kube(&self) -> Option<&kube::KubeDiscovery> {
+        self.kube.as_ref()
+    }
+
+    /// Resolves an original destination from what is known now, without waiting or starting
+    /// watches. `None`: unknown (or not yet watched).
     pub fn resolve(&self, dst: SocketAddr) -> Option<Resolved> {
-        self.snapshot().resolve(dst)
+        self.snapshot()
+            .resolve(dst)
+            .or_else(|| self.kube.as_ref().and_then(|k| k.resolve(dst)))
+    }
+
+    /// Resolves an original destination and follows its changes; the Kubernetes source starts
+    /// the destination's watches and may wait for their first list (`--discovery-timeout`).
+    /// `None`: unknown to every source.
+    pub async fn lookup(&self, dst: SocketAddr) -> Option<Watched> {
+        if self.snapshot().resolve(dst).is_some() {
+            return Some(Watched(WatchedInner::Snapshot {
+                rx: self.current.subscribe(),
+                dst,
+            }));
+        }
+        let kube = self.kube.as_ref()?;
+        kube.lookup(dst)
+            .await
+            .map(|rx| Watched(WatchedInner::Kube(rx)))
+    }
+
+    /// Resolves an HTTP authority (`name[.ns[.svc[.<cluster-domain>]]][:port]`, `port` when it
+    /// names none) to a Service of the Kubernetes source and follows its changes.
+    pub async fn lookup_authority(&self, authority: &str, port: u16) -> Option<Watched> {
+        let kube = self.kube.as_ref()?;
+        kube.lookup_authority(authority, port)
+            .await
+            .map(|rx| Watched(WatchedInner::Kube(rx)))
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        // A poisoned lock only means a writer panicked mid-swap of an Arc: the value is intact.
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.borrow().clone()
     }
 
     pub(crate) fn replace(&self, snapshot: Snapshot) {
         let mut overlay = self.dns.lock().unwrap_or_else(|p| p.into_inner());
         overlay.set_base(snapshot);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = overlay.compose();
+        self.current.send_replace(overlay.compose());
     }
 
     /// The DNS names the current snapshot takes endpoints from.
@@ -187,7 +244,47 @@ impl Discovery {
         if !overlay.set_records(name, ips) {
             return false;
         }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = overlay.compose();
+        self.current.send_replace(overlay.compose());
         true
+    }
+}
+
+/// A resolved destination that stays current: [`Watched::current`] is the latest resolution,
+/// [`Watched::changed`] waits for the next one. Holding it keeps the destination watched.
+#[derive(Debug, Clone)]
+pub struct Watched(WatchedInner);
+
+#[derive(Debug, Clone)]
+enum WatchedInner {
+    /// The file source: the destination looked up in the current snapshot.
+    Snapshot {
+        rx: watch::Receiver<Arc<Snapshot>>,
+        dst: SocketAddr,
+    },
+    /// The Kubernetes source: one channel per destination (service, port, address family).
+    Kube(watch::Receiver<Option<Resolved>>),
+}
+
+/// The source behind a [`Watched`] went away (the proxy is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("discovery source closed")]
+pub struct SourceClosed;
+
+impl Watched {
+    /// The latest resolution; `None` when the destination is no longer known (a Service
+    /// deleted, a file entry removed).
+    pub fn current(&self) -> Option<Resolved> {
+        match &self.0 {
+            WatchedInner::Snapshot { rx, dst } => rx.borrow().resolve(*dst),
+            WatchedInner::Kube(rx) => rx.borrow().clone(),
+        }
+    }
+
+    /// Waits until the resolution may have changed (the file source wakes on every reload).
+    pub async fn changed(&mut self) -> Result<(), SourceClosed> {
+        match &mut self.0 {
+            WatchedInner::Snapshot { rx, .. } => rx.changed().await.map_err(|_| SourceClosed),
+            WatchedInner::Kube(rx) => rx.changed().await.map_err(|_| SourceClosed),
+        }
     }
 }

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::ProxyConfig;
 use crate::detect::{self, DetectMetrics, Served};
-use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint, ServicePolicy};
+use crate::discover::{DEFAULT_MESH_PORT, Discovery, Endpoint, ServicePolicy, Watched};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
 use crate::http::client::Upstreams;
@@ -123,6 +123,10 @@ pub struct Routed {
     pub service: Option<String>,
     /// Present for a service address: HTTP picks the endpoint per request.
     pub balanced: Option<ServiceDst>,
+    /// The discovery answer this route came from; held for the connection's lifetime so the
+    /// destination's watches stay up while it is in use. Boxed: it rides in every
+    /// connection's future, and is only held, never read, on the data path.
+    pub watched: Option<Box<Watched>>,
 }
 
 impl Outbound {
@@ -245,9 +249,15 @@ impl Outbound {
         }
     }
 
-    /// Decides where `dst` goes: discovery first, then a mesh-port probe inside the cluster.
+    /// Decides where `dst` goes: discovery first (which may wait for a first list, bounded by
+    /// `--discovery-timeout`), then a mesh-port probe inside the cluster.
     pub async fn route(&self, dst: OrigDstAddr) -> Result<Routed, ConnError> {
-        let resolved = self.discovery.as_ref().and_then(|d| d.resolve(dst.0));
+        let watched = match &self.discovery {
+            Some(d) => d.lookup(dst.0).await,
+            None => None,
+        };
+        let resolved = watched.as_ref().and_then(Watched::current);
+        let watched = watched.map(Box::new);
         let routed = match resolved {
             Some(r) if !r.endpoints.is_empty() => {
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % r.endpoints.len();
@@ -263,12 +273,22 @@ impl Outbound {
                     target: self.to_endpoint(&r.endpoints[i])?,
                     service: r.service,
                     balanced,
+                    watched,
                 }
             }
-            _ => Routed {
+            // A Service discovery knows, with no endpoints right now: as it came (kube-proxy
+            // refuses it too), never probed (a VIP has no mesh port).
+            Some(r) => Routed {
+                target: Target::Plain(dst),
+                service: r.service,
+                balanced: None,
+                watched,
+            },
+            None => Routed {
                 target: self.to_unknown(dst).await?,
                 service: None,
                 balanced: None,
+                watched,
             },
         };
         match routed.target {
@@ -281,7 +301,10 @@ impl Outbound {
     /// in discovery on each request, so a reload applies while traffic flows.
     pub fn service_state(&self, dst: &ServiceDst) -> Arc<ServiceState> {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = services.get(&dst.name) {
+        // Per service *address*: a Kubernetes Service's ports (and address families) have
+        // different endpoints.
+        let key = format!("{}@{}", dst.name, dst.addr.0);
+        if let Some(s) = services.get(&key) {
             return s.clone();
         }
         let discovery = self.discovery.clone().unwrap_or_default();
@@ -298,7 +321,7 @@ impl Outbound {
             ),
             budget: Arc::new(Budget::default()),
         });
-        services.insert(dst.name.clone(), state.clone());
+        services.insert(key, state.clone());
         state
     }
 
