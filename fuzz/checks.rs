@@ -82,6 +82,34 @@ pub fn discovery(data: &[u8]) {
     let _ = tern::discover::file::parse(Path::new("fuzz.yaml"), s);
 }
 
+/// Gateway API routes: never panic; accepted routes build a table that answers lookups.
+pub fn routes(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(docs) = tern::routes::parse_yaml(s) else {
+        return;
+    };
+    let routes: Vec<std::sync::Arc<tern::routes::Route>> = docs
+        .iter()
+        .filter_map(|d| tern::routes::parse_value(d).ok())
+        .map(std::sync::Arc::new)
+        .collect();
+    let table = tern::routes::RouteTable::build_for(routes.iter(), Some("shop"));
+    for r in &routes {
+        for p in &r.parents {
+            for path in ["/", "/api/v1?x=1&y", "/helloworld.Greeter/SayHello", "//"] {
+                let req = http::Request::post(path)
+                    .header("content-type", "application/grpc")
+                    .header("x-canary", "yes")
+                    .body(())
+                    .expect("a valid request");
+                let _ = table.lookup(&p.service, p.port.unwrap_or(80), &req);
+            }
+        }
+    }
+}
+
 /// `--inbound-policy` rules: never panic; an accepted rule can be evaluated on any port.
 pub fn policy_rule(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
@@ -141,5 +169,54 @@ pub fn inject(data: &[u8]) {
         {
             panic!("computed patch does not apply: {e}");
         }
+    }
+}
+
+/// The mesh wire's per-stream head (`tern::mesh::wire::parse`): the input is a method line, a
+/// target line, then `name: value` header lines. Accepted tunnels name a non-zero port that is
+/// the URI's; accepted HTTP targets round-trip through their text form.
+pub fn mesh_wire(data: &[u8]) {
+    let mut lines = data.split(|b| *b == b'\n');
+    let (Some(method), Some(uri)) = (lines.next(), lines.next()) else {
+        return;
+    };
+    let Ok(method) = http::Method::from_bytes(method) else {
+        return;
+    };
+    let Ok(uri) = http::Uri::try_from(uri) else {
+        return;
+    };
+    let mut headers = http::HeaderMap::new();
+    for line in lines {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(&line[..colon]),
+            http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        headers.append(name, value);
+    }
+    match tern::mesh::wire::parse(&method, &uri, &headers) {
+        Ok(tern::mesh::wire::StreamHead::Tunnel { port }) => {
+            assert_eq!(method, http::Method::CONNECT);
+            assert_ne!(port, 0);
+            assert_eq!(uri.port_u16(), Some(port));
+        }
+        Ok(tern::mesh::wire::StreamHead::Http { target, version }) => {
+            assert_ne!(method, http::Method::CONNECT);
+            assert_ne!(target.port(), 0);
+            assert_eq!(
+                target.to_string().parse::<std::net::SocketAddr>().ok(),
+                Some(target)
+            );
+            assert!(matches!(
+                version,
+                http::Version::HTTP_10 | http::Version::HTTP_11 | http::Version::HTTP_2
+            ));
+        }
+        Err(_) => {}
     }
 }

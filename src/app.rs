@@ -38,6 +38,8 @@ pub struct Proxy {
     identity: Option<Arc<IdentityStore>>,
     discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
     dns_metrics: discover::dns::DnsMetrics,
+    /// The routes store and what the routes file held at start-up (`--routes-file`).
+    routes: Option<(crate::routes::RouteStore, Option<crate::routes::file::Seen>)>,
     inbound: Arc<Inbound>,
     outbound: Arc<Outbound>,
     inbound_listener: TcpListener,
@@ -75,6 +77,13 @@ impl Pipeline {
         }
     }
 
+    fn limits(&self) -> &crate::http::limits::ServerLimits {
+        match self {
+            Pipeline::Inbound(i) => &i.server,
+            Pipeline::Outbound(o) => &o.metrics.limits,
+        }
+    }
+
     async fn serve(self, stream: TcpStream, client: ClientAddr) {
         match self {
             Pipeline::Inbound(i) => i.serve(stream, client).await,
@@ -104,6 +113,7 @@ impl Proxy {
         let detect_metrics = crate::detect::DetectMetrics::register(tern);
         let http_metrics = crate::layers::http_metrics::HttpMetrics::register(tern);
         let identity_metrics = IdentityMetrics::register(tern);
+        let limit_metrics = crate::http::limits::LimitMetrics::register(tern);
         let identity = match (identity, &config.identity_dir) {
             (Some(id), _) => Some(IdentityStore::new(
                 id,
@@ -145,24 +155,40 @@ impl Proxy {
             },
             None => None,
         };
+        let kube_on = kube.is_some();
         let outbound_discovery = match (&discovery, kube) {
             (Some((d, _, _)), Some(k)) => Some(d.clone().with_kube(k)),
             (Some((d, _, _)), None) => Some(d.clone()),
             (None, Some(k)) => Some(Discovery::default().with_kube(k)),
             (None, None) => None,
         };
+        // Routes come from `--routes-file` and, with Kubernetes discovery, from the API server.
+        let routes = if config.routes_file.is_some() || kube_on {
+            let store = crate::routes::RouteStore::for_client(
+                crate::routes::RouteMetrics::register(tern),
+                config.pod_namespace.clone(),
+            );
+            let seen = match &config.routes_file {
+                Some(path) => Some(crate::routes::file::start(path, &store)?),
+                None => None,
+            };
+            Some((store, seen))
+        } else {
+            None
+        };
         let policy = Policy::new(config.default_inbound_policy, config.inbound_policy.clone());
         policy.register(tern);
 
-        let inbound_listener = listen::bind(config.inbound_addr)
+        let inbound_listener = listen::bind(config.inbound_addr, config.listen_backlog)
             .with_context(|| format!("binding the inbound listener on {}", config.inbound_addr))?;
-        let outbound_listeners = listen::bind_all(&config.outbound_addrs).with_context(|| {
-            format!(
-                "binding the outbound listeners on {:?}",
-                config.outbound_addrs
-            )
-        })?;
-        let admin = listen::bind(config.admin_addr)
+        let outbound_listeners = listen::bind_all(&config.outbound_addrs, config.listen_backlog)
+            .with_context(|| {
+                format!(
+                    "binding the outbound listeners on {:?}",
+                    config.outbound_addrs
+                )
+            })?;
+        let admin = listen::bind(config.admin_addr, crate::transport::listen::BACKLOG)
             .and_then(|l| l.into_std())
             .with_context(|| format!("binding the admin listener on {}", config.admin_addr))?;
 
@@ -183,30 +209,44 @@ impl Proxy {
             identity: identity.clone(),
             mesh_port,
             own_ports: own_ports.clone(),
+            server: crate::http::limits::ServerLimits::new(
+                &config,
+                Direction::inbound,
+                limit_metrics.clone(),
+            ),
         });
         own_ports.push(mesh_port);
-        let outbound = Arc::new(Outbound::new(
-            config.clone(),
-            tcp,
-            crate::outbound::OutboundMetrics {
-                detect: detect_metrics,
-                http: http_metrics,
-                balance: crate::layers::balance::BalanceMetrics::register(tern),
-                breaker: crate::layers::breaker::BreakerMetrics::register(tern),
-                retry: crate::layers::retry::RetryMetrics::register(tern),
-            },
-            outbound_discovery,
-            identity
-                .clone()
-                .map(|store| MeshClient::new(store, mesh_metrics)),
-            own_ports,
-        ));
+        let outbound = Arc::new(
+            Outbound::new(
+                config.clone(),
+                tcp,
+                crate::outbound::OutboundMetrics {
+                    detect: detect_metrics,
+                    http: http_metrics,
+                    balance: crate::layers::balance::BalanceMetrics::register(tern),
+                    breaker: crate::layers::breaker::BreakerMetrics::register(tern),
+                    retry: crate::layers::retry::RetryMetrics::register(tern),
+                    limits: crate::http::limits::ServerLimits::new(
+                        &config,
+                        Direction::outbound,
+                        limit_metrics.clone(),
+                    ),
+                },
+                outbound_discovery,
+                identity
+                    .clone()
+                    .map(|store| MeshClient::new(store, mesh_metrics)),
+                own_ports,
+            )
+            .with_routes(routes.as_ref().map(|(s, _)| s.clone()).unwrap_or_default()),
+        );
         Ok(Proxy {
             config,
             registry: Arc::new(registry),
             identity,
             discovery,
             dns_metrics,
+            routes,
             inbound,
             outbound,
             inbound_listener,
@@ -267,12 +307,25 @@ impl Proxy {
                 seen,
             )));
         }
+        if let Some((store, seen)) = self.routes {
+            if let (Some(seen), Some(path)) = (seen, &config.routes_file) {
+                background.push(tokio::spawn(crate::routes::file::watch(
+                    path.clone(),
+                    store.clone(),
+                    config.discovery_reload_interval,
+                    seen,
+                )));
+            }
+            if let Some(kube) = self.outbound.discovery.as_ref().and_then(|d| d.kube()) {
+                background.push(tokio::spawn(crate::routes::api::watch(kube.clone(), store)));
+            }
+        }
 
         let tracker = TaskTracker::new();
         let limit = config.max_connections;
         let mut loops = vec![tokio::spawn(accept_loop(
             self.inbound_listener,
-            Pipeline::Inbound(self.inbound),
+            Pipeline::Inbound(self.inbound.clone()),
             limit,
             tracker.clone(),
         ))];
@@ -305,6 +358,10 @@ impl Proxy {
         for l in loops {
             l.abort();
         }
+        // Open HTTP connections finish their requests and close (HTTP/2 GOAWAY, HTTP/1
+        // `Connection: close`) instead of holding the proxy for the whole grace period.
+        self.inbound.server.shut_down();
+        self.outbound.metrics.limits.shut_down();
         for b in background {
             b.abort();
         }
@@ -330,6 +387,10 @@ impl Proxy {
     }
 }
 
+/// First and longest pause after a failed `accept` (out of file descriptors or memory).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts connections until aborted; each connection becomes a task on `tracker`.
 async fn accept_loop(
     listener: TcpListener,
@@ -339,13 +400,24 @@ async fn accept_loop(
 ) {
     let limit = Arc::new(Semaphore::new(limit));
     let direction = pipeline.direction();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                c
+            }
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning, then keep serving.
-                tracing::warn!(error = %e, ?direction, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // EMFILE and friends: the pending connection stays queued; back off (doubling,
+                // up to 1 s) instead of spinning, and keep serving once descriptors free up.
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(error = %e, ?direction, "accept failed; backing off");
+                }
+                pipeline
+                    .limits()
+                    .exceeded(crate::http::limits::Limit::accept_errors);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
@@ -353,6 +425,9 @@ async fn accept_loop(
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, ?direction, "connection limit reached; closing");
             pipeline.tcp().refused(direction, CloseReason::Limit);
+            pipeline
+                .limits()
+                .exceeded(crate::http::limits::Limit::connections);
             continue;
         };
         let span = tracing::info_span!("conn", dir = ?direction, client = %peer);

@@ -150,6 +150,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_DISCOVERY_RELOAD_INTERVAL", value_parser = humantime::parse_duration, default_value = "2s")]
     pub discovery_reload_interval: Duration,
 
+    /// YAML file of Gateway API HTTPRoute/GRPCRoute objects whose parentRefs are Services
+    /// (multi-document), hot-reloaded every `--discovery-reload-interval`; see README "Routes".
+    /// Backends are resolved through the discovery file's services.
+    #[arg(long, env = "TERN_ROUTES_FILE")]
+    pub routes_file: Option<PathBuf>,
+
     /// Networks whose unknown destinations are probed for a tern proxy on port 4143 (comma-separated
     /// CIDRs). Destinations elsewhere go out in plaintext at once, never waiting on a probe.
     #[arg(
@@ -237,6 +243,64 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_DNS_MAX_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
     pub dns_max_ttl: Duration,
 
+    /// Largest HTTP/1 request head (request line and headers), in bytes; beyond it the request
+    /// gets 431 and the connection closes (1024..=1048576).
+    #[arg(long, env = "TERN_MAX_REQUEST_HEAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_request_head_bytes: usize,
+
+    /// Most header lines in an HTTP/1 request; beyond it the request gets 431 (1..=1000).
+    #[arg(long, env = "TERN_MAX_REQUEST_HEADERS", default_value_t = 100)]
+    pub max_request_headers: usize,
+
+    /// Longest request target (path and query, or the whole URI), in bytes; a longer one gets
+    /// 414 (64..=1048576).
+    #[arg(long, env = "TERN_MAX_URI_LENGTH", default_value_t = 8 * 1024)]
+    pub max_uri_length: usize,
+
+    /// A request head must arrive within this long after the connection starts waiting for it
+    /// (slowloris); an idle HTTP/1 keep-alive connection is closed after it too (1s..=300s).
+    #[arg(long, env = "TERN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// Concurrent HTTP/2 streams an app connection may open; more are refused with
+    /// REFUSED_STREAM (1..=10000).
+    #[arg(long, env = "TERN_H2_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub h2_max_concurrent_streams: u32,
+
+    /// Largest HTTP/2 header list (SETTINGS_MAX_HEADER_LIST_SIZE, decoded size) an app
+    /// connection may send, in bytes (1024..=1048576).
+    #[arg(long, env = "TERN_H2_MAX_HEADER_LIST_SIZE", default_value_t = 64 * 1024)]
+    pub h2_max_header_list_size: u32,
+
+    /// How often an HTTP/2 app connection is PINGed to check the peer is alive (1s..=3600s).
+    #[arg(long, env = "TERN_H2_KEEP_ALIVE_INTERVAL", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub h2_keep_alive_interval: Duration,
+
+    /// How long a keep-alive PING may go unanswered before the connection is closed (1s..=3600s).
+    #[arg(long, env = "TERN_H2_KEEP_ALIVE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "20s")]
+    pub h2_keep_alive_timeout: Duration,
+
+    /// An HTTP/2 app connection with no open stream for this long is closed with GOAWAY
+    /// (1s..=86400s). HTTP/1 keep-alive connections are bounded by --header-read-timeout.
+    #[arg(long, env = "TERN_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub http_idle_timeout: Duration,
+
+    /// A request body that stops arriving for this long is ended: the upstream sees an aborted
+    /// request (never a truncated success) and the client 408 or a reset. Long enough for idle
+    /// gRPC bidirectional streams, as Envoy's stream idle timeout (1s..=86400s).
+    #[arg(long, env = "TERN_REQUEST_BODY_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub request_body_idle_timeout: Duration,
+
+    /// Most HTTP requests in flight per direction (inbound, outbound); beyond it requests are
+    /// shed at once with 503 and `tern-proxy-error: overloaded` (gRPC UNAVAILABLE), before they
+    /// hold memory (1..=1000000).
+    #[arg(long, env = "TERN_MAX_IN_FLIGHT_REQUESTS", default_value_t = 5_000)]
+    pub max_in_flight_requests: usize,
+
+    /// Pending (not yet accepted) connections the kernel queues per listener (listen backlog;
+    /// the kernel caps it at net.core.somaxconn) (1..=65535).
+    #[arg(long, env = "TERN_LISTEN_BACKLOG", default_value_t = 1024)]
+    pub listen_backlog: u32,
     /// Discovery sources. `auto`: Kubernetes when running in a cluster (KUBERNETES_SERVICE_HOST
     /// is set) or when --kube-api-url is given, plus the discovery file when --discovery-file is
     /// given. `kubernetes`: Kubernetes (in-cluster, or --kube-api-url), plus the file when given.

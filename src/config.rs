@@ -63,6 +63,14 @@ pub enum ConfigError {
         "--dns-min-ttl (TERN_DNS_MIN_TTL) {min:?} must be at least 10ms and at most --dns-max-ttl (TERN_DNS_MAX_TTL) {max:?}"
     )]
     DnsTtl { min: Duration, max: Duration },
+    #[error("--{flag} ({env}) must be between {min} and {max}, got {value}: there is no unlimited")]
+    OutOfRange {
+        flag: &'static str,
+        env: &'static str,
+        value: String,
+        min: String,
+        max: String,
+    },
 }
 
 /// How a listener finds where to send a connection.
@@ -101,6 +109,7 @@ pub struct ProxyConfig {
     pub discovery_file: Option<PathBuf>,
     #[serde(with = "humantime_serde_compat")]
     pub discovery_reload_interval: Duration,
+    pub routes_file: Option<PathBuf>,
     pub cluster_networks: Vec<IpNet>,
     pub service_networks: Vec<IpNet>,
     #[serde(with = "humantime_serde_compat")]
@@ -122,6 +131,23 @@ pub struct ProxyConfig {
     pub dns_min_ttl: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub dns_max_ttl: Duration,
+    pub max_request_head_bytes: usize,
+    pub max_request_headers: usize,
+    pub max_uri_length: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_header_list_size: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub h2_keep_alive_interval: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub h2_keep_alive_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub http_idle_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub request_body_idle_timeout: Duration,
+    pub max_in_flight_requests: usize,
+    pub listen_backlog: u32,
     /// Kubernetes discovery: where the API server is; `None`: off.
     pub kubernetes: Option<ApiServer>,
     /// `--discovery`: with `auto`, a Kubernetes client that cannot be built is a warning, not a
@@ -220,6 +246,7 @@ impl ProxyConfig {
                 addr: t,
             });
         }
+        check_limits(a)?;
         let (kubernetes, discovery_file) = discovery_sources(a)?;
         let mode = |t: Option<SocketAddr>| t.map_or(TargetMode::OrigDst, TargetMode::Fixed);
         Ok(ProxyConfig {
@@ -240,6 +267,7 @@ impl ProxyConfig {
             identity_reload_interval: a.identity_reload_interval,
             discovery_file,
             discovery_reload_interval: a.discovery_reload_interval,
+            routes_file: a.routes_file.clone(),
             cluster_networks: a.cluster_networks.clone(),
             service_networks: a.service_networks.clone(),
             probe_timeout: a.probe_timeout,
@@ -256,6 +284,18 @@ impl ProxyConfig {
             dns_nameserver: a.dns_nameserver,
             dns_min_ttl: a.dns_min_ttl,
             dns_max_ttl: a.dns_max_ttl,
+            max_request_head_bytes: a.max_request_head_bytes,
+            max_request_headers: a.max_request_headers,
+            max_uri_length: a.max_uri_length,
+            header_read_timeout: a.header_read_timeout,
+            h2_max_concurrent_streams: a.h2_max_concurrent_streams,
+            h2_max_header_list_size: a.h2_max_header_list_size,
+            h2_keep_alive_interval: a.h2_keep_alive_interval,
+            h2_keep_alive_timeout: a.h2_keep_alive_timeout,
+            http_idle_timeout: a.http_idle_timeout,
+            request_body_idle_timeout: a.request_body_idle_timeout,
+            max_in_flight_requests: a.max_in_flight_requests,
+            listen_backlog: a.listen_backlog,
             kubernetes,
             discovery: a.discovery,
             cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),
@@ -358,6 +398,125 @@ impl ProxyConfig {
     }
 }
 
+/// The resource limits: every one bounded on both sides (0 or a huge value is not "unlimited").
+fn check_limits(a: &ProxyArgs) -> Result<(), ConfigError> {
+    fn count(
+        flag: &'static str,
+        env: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<(), ConfigError> {
+        if (min..=max).contains(&value) {
+            return Ok(());
+        }
+        Err(ConfigError::OutOfRange {
+            flag,
+            env,
+            value: value.to_string(),
+            min: min.to_string(),
+            max: max.to_string(),
+        })
+    }
+    fn time(
+        flag: &'static str,
+        env: &'static str,
+        value: Duration,
+        max_secs: u64,
+    ) -> Result<(), ConfigError> {
+        if value >= Duration::from_secs(1) && value <= Duration::from_secs(max_secs) {
+            return Ok(());
+        }
+        Err(ConfigError::OutOfRange {
+            flag,
+            env,
+            value: humantime::format_duration(value).to_string(),
+            min: "1s".into(),
+            max: humantime::format_duration(Duration::from_secs(max_secs)).to_string(),
+        })
+    }
+    const MIB: u64 = 1024 * 1024;
+    count(
+        "max-request-head-bytes",
+        "TERN_MAX_REQUEST_HEAD_BYTES",
+        a.max_request_head_bytes as u64,
+        1024,
+        MIB,
+    )?;
+    count(
+        "max-request-headers",
+        "TERN_MAX_REQUEST_HEADERS",
+        a.max_request_headers as u64,
+        1,
+        1000,
+    )?;
+    count(
+        "max-uri-length",
+        "TERN_MAX_URI_LENGTH",
+        a.max_uri_length as u64,
+        64,
+        MIB,
+    )?;
+    count(
+        "h2-max-concurrent-streams",
+        "TERN_H2_MAX_CONCURRENT_STREAMS",
+        a.h2_max_concurrent_streams.into(),
+        1,
+        10_000,
+    )?;
+    count(
+        "h2-max-header-list-size",
+        "TERN_H2_MAX_HEADER_LIST_SIZE",
+        a.h2_max_header_list_size.into(),
+        1024,
+        MIB,
+    )?;
+    count(
+        "max-in-flight-requests",
+        "TERN_MAX_IN_FLIGHT_REQUESTS",
+        a.max_in_flight_requests as u64,
+        1,
+        1_000_000,
+    )?;
+    count(
+        "listen-backlog",
+        "TERN_LISTEN_BACKLOG",
+        a.listen_backlog.into(),
+        1,
+        65_535,
+    )?;
+    time(
+        "header-read-timeout",
+        "TERN_HEADER_READ_TIMEOUT",
+        a.header_read_timeout,
+        300,
+    )?;
+    time(
+        "h2-keep-alive-interval",
+        "TERN_H2_KEEP_ALIVE_INTERVAL",
+        a.h2_keep_alive_interval,
+        3600,
+    )?;
+    time(
+        "h2-keep-alive-timeout",
+        "TERN_H2_KEEP_ALIVE_TIMEOUT",
+        a.h2_keep_alive_timeout,
+        3600,
+    )?;
+    time(
+        "http-idle-timeout",
+        "TERN_HTTP_IDLE_TIMEOUT",
+        a.http_idle_timeout,
+        86_400,
+    )?;
+    time(
+        "request-body-idle-timeout",
+        "TERN_REQUEST_BODY_IDLE_TIMEOUT",
+        a.request_body_idle_timeout,
+        86_400,
+    )
+}
+
 /// Durations serialized as humantime strings (`"1s"`, `"30s"`) in `/config`.
 mod humantime_serde_compat {
     use std::time::Duration;
@@ -411,6 +570,43 @@ mod tests {
         assert!(e.to_string().contains("--request-timeout"));
         let c = parse(&["--request-timeout", "2s"]).expect("valid");
         assert_eq!(c.request_timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_routes_file_flag_is_carried() {
+        assert_eq!(parse(&[]).expect("valid").routes_file, None);
+        let c = parse(&["--routes-file", "/etc/tern/routes.yaml"]).expect("valid");
+        assert_eq!(
+            c.routes_file.as_deref(),
+            Some(std::path::Path::new("/etc/tern/routes.yaml"))
+        );
+    }
+
+    #[test]
+    fn limits_refuse_zero_and_unbounded_values() {
+        for (flag, bad) in [
+            ("--max-request-head-bytes", "0"),
+            ("--max-request-headers", "0"),
+            ("--max-uri-length", "0"),
+            ("--h2-max-concurrent-streams", "0"),
+            ("--h2-max-header-list-size", "0"),
+            ("--h2-max-header-list-size", "4294967295"),
+            ("--max-in-flight-requests", "0"),
+            ("--listen-backlog", "0"),
+            ("--header-read-timeout", "0s"),
+            ("--h2-keep-alive-interval", "0s"),
+            ("--h2-keep-alive-timeout", "0s"),
+            ("--http-idle-timeout", "0s"),
+            ("--request-body-idle-timeout", "0s"),
+            ("--request-body-idle-timeout", "1000d"),
+        ] {
+            let e = parse(&[flag, bad]).expect_err(flag);
+            let msg = e.to_string();
+            assert!(msg.contains(flag), "{msg}");
+            assert!(msg.contains("TERN_"), "{msg}");
+        }
+        let c = parse(&["--max-in-flight-requests", "7"]).expect("valid");
+        assert_eq!(c.max_in_flight_requests, 7);
     }
 
     #[test]

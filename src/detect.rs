@@ -123,7 +123,13 @@ pub async fn detect_recorded<T: AsyncRead + Unpin>(
         metrics.record(direction, Protocol::opaque_port, Duration::ZERO);
         return Ok(Served::Opaque(PrefixedIo::new(Bytes::new(), io)));
     }
-    let (detected, took) = detect(io, timeout).await?;
+    // Inbound plain clients are untrusted: their upgrades are parsed as HTTP (and their
+    // forged tern-* headers stripped) rather than tunnelled; see `Mode`.
+    let mode = match direction {
+        Direction::inbound => Mode::ParseUpgrades,
+        Direction::outbound => Mode::TunnelUpgrades,
+    };
+    let (detected, took) = detect_mode(io, timeout, mode).await?;
     Ok(match detected {
         Detected::Http(io, version) => {
             let protocol = match version {
@@ -144,16 +150,37 @@ pub async fn detect_recorded<T: AsyncRead + Unpin>(
     })
 }
 
-/// Reads from `io` until the protocol is known or `timeout` passes.
+/// How requests that would become tunnels are detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A first request that is `CONNECT` or carries `Upgrade`, or whose method is longer than
+    /// 20 bytes, is opaque: carried end to end unchanged (the app's own outbound traffic).
+    TunnelUpgrades,
+    /// Any HTTP/1 request line is HTTP, whatever its method or headers: the server parses
+    /// every request head, strips forged `tern-*` headers, and tunnels only after the app
+    /// switched protocols (non-meshed inbound clients).
+    ParseUpgrades,
+}
+
+/// Reads from `io` until the protocol is known or `timeout` passes ([`Mode::TunnelUpgrades`]).
 pub async fn detect<T: AsyncRead + Unpin>(
+    io: T,
+    timeout: Duration,
+) -> std::io::Result<(Detected<T>, Duration)> {
+    detect_mode(io, timeout, Mode::TunnelUpgrades).await
+}
+
+/// Reads from `io` until the protocol is known or `timeout` passes.
+pub async fn detect_mode<T: AsyncRead + Unpin>(
     mut io: T,
     timeout: Duration,
+    mode: Mode,
 ) -> std::io::Result<(Detected<T>, Duration)> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::with_capacity(512);
     let verdict = loop {
-        if let Some(v) = classify(&buf) {
+        if let Some(v) = classify(&buf, mode) {
             break Some(v);
         }
         if buf.len() >= MAX_DETECT_BYTES {
@@ -177,7 +204,7 @@ pub async fn detect<T: AsyncRead + Unpin>(
             }
             Ok(Err(e)) => return Err(e),
             // EOF: whatever arrived is all there is; decide on it.
-            Ok(Ok(0)) => break classify(&buf).or(Some(Verdict::Opaque)),
+            Ok(Ok(0)) => break classify(&buf, mode).or(Some(Verdict::Opaque)),
             Ok(Ok(_)) => {}
         }
     };
@@ -199,11 +226,20 @@ pub enum Verdict {
 /// The pure decision [`detect`] makes on the bytes read so far: `None` while more bytes are
 /// needed. Exposed for the fuzz targets and the corpus replay test.
 pub fn classify_prefix(buf: &[u8]) -> Option<Verdict> {
-    classify(buf)
+    classify(buf, Mode::TunnelUpgrades)
+}
+
+/// As [`classify_prefix`], in `mode`.
+pub fn classify_prefix_mode(buf: &[u8], mode: Mode) -> Option<Verdict> {
+    classify(buf, mode)
 }
 
 /// Decides on the bytes so far, or `None` when more are needed.
-fn classify(buf: &[u8]) -> Option<Verdict> {
+fn classify(buf: &[u8], mode: Mode) -> Option<Verdict> {
+    let max_method = match mode {
+        Mode::TunnelUpgrades => MAX_METHOD_LEN,
+        Mode::ParseUpgrades => MAX_DETECT_BYTES,
+    };
     if buf.is_empty() {
         return None;
     }
@@ -214,7 +250,7 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
     // An HTTP/1 request line: token SP target SP "HTTP/1." digit CRLF.
     let Some(end) = line_end(buf) else {
         // Keep reading only while this could still be a request line.
-        return (!plausible_start(buf)).then_some(Verdict::Opaque);
+        return (!plausible_start(buf, max_method)).then_some(Verdict::Opaque);
     };
     let line = &buf[..end];
     let mut parts = line.split(|b| *b == b' ');
@@ -224,7 +260,7 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
         return Some(Verdict::Opaque);
     };
     let is_http1 = !method.is_empty()
-        && method.len() <= MAX_METHOD_LEN
+        && method.len() <= max_method
         && method.iter().all(|b| is_method_byte(*b))
         && !target.is_empty()
         && !target.iter().any(u8::is_ascii_control)
@@ -234,6 +270,9 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
     }
     // A connection that starts with CONNECT or an Upgrade (WebSocket) becomes a tunnel after
     // its first exchange: serve it as opaque TCP, which carries it end to end unchanged.
+    if mode == Mode::ParseUpgrades {
+        return Some(Verdict::Http(HttpVersion::H1));
+    }
     if method == b"CONNECT" {
         return Some(Verdict::Opaque);
     }
@@ -241,10 +280,15 @@ fn classify(buf: &[u8]) -> Option<Verdict> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(_)) => {
-            let upgrade = req
-                .headers
-                .iter()
-                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            // `Upgrade: h2c` is not a tunnel: the server drops it and serves HTTP/1.1, so the
+            // rest of the connection stays under tern's header handling.
+            let upgrade = req.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("upgrade")
+                    && !h
+                        .value
+                        .split(|b| *b == b',')
+                        .all(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+            });
             Some(if upgrade {
                 Verdict::Opaque
             } else {
@@ -281,13 +325,13 @@ fn line_end(buf: &[u8]) -> Option<usize> {
 /// would call HTTP. It must accept every prefix of such a line (any method case, any byte a
 /// target may hold, a CR waiting for its LF): otherwise how the client splits its writes would
 /// decide between HTTP and opaque, and opaque bytes reach the app past tern's header hygiene.
-fn plausible_start(buf: &[u8]) -> bool {
+fn plausible_start(buf: &[u8], max_method: usize) -> bool {
     let method_len = buf.iter().take_while(|b| is_method_byte(**b)).count();
     if method_len == buf.len() {
-        return method_len <= MAX_METHOD_LEN;
+        return method_len <= max_method;
     }
     method_len > 0
-        && method_len <= MAX_METHOD_LEN
+        && method_len <= max_method
         && buf[method_len] == b' '
         && buf[method_len + 1..]
             .iter()
@@ -379,13 +423,13 @@ mod tests {
             b"GETAT /ws\xff\xff HTTP/1.1\n\n",
         ];
         for input in inputs {
-            let whole = classify(input);
+            let whole = classify(input, Mode::TunnelUpgrades);
             assert!(
                 matches!(whole, Some(Verdict::Http(HttpVersion::H1))),
                 "{input:?}"
             );
             for end in 1..input.len() {
-                let part = classify(&input[..end]);
+                let part = classify(&input[..end], Mode::TunnelUpgrades);
                 assert!(
                     part.is_none() || part == whole,
                     "{:?} decided {part:?}",
@@ -393,6 +437,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn inbound_mode_parses_upgrades_and_long_methods() {
+        let long = format!(
+            "{} / HTTP/1.1\r\ntern-client-id: x\r\n\r\n",
+            "A".repeat(300)
+        );
+        for input in [
+            &b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\ntern-client-id: x\r\n\r\n"[..],
+            b"CONNECT a:443 HTTP/1.1\r\n\r\n",
+            long.as_bytes(),
+        ] {
+            assert_eq!(
+                classify(input, Mode::ParseUpgrades),
+                Some(Verdict::Http(HttpVersion::H1)),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+            assert_eq!(classify(input, Mode::TunnelUpgrades), Some(Verdict::Opaque));
+        }
+        assert_eq!(
+            classify(b"\x16\x03\x01", Mode::ParseUpgrades),
+            Some(Verdict::Opaque)
+        );
     }
 
     #[tokio::test]

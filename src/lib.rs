@@ -41,6 +41,7 @@ pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+pub mod routes;
 #[cfg(test)]
 mod testing;
 pub mod tls;

@@ -59,3 +59,13 @@ fn policy_rule_corpus() {
 fn inject_corpus() {
     replay("inject", checks::inject);
 }
+
+#[test]
+fn routes_corpus() {
+    replay("routes", checks::routes);
+}
+
+#[test]
+fn mesh_wire_corpus() {
+    replay("mesh_wire", checks::mesh_wire);
+}

@@ -147,6 +147,18 @@ impl Snapshot {
         self.by_addr.len()
     }
 
+    /// The service address of `service` (`name.namespace`) on `port`, with its resolution: how
+    /// a route's backendRef finds its Service. Several addresses on that port: the lowest.
+    pub fn find_service(&self, service: &str, port: u16) -> Option<(SocketAddr, Resolved)> {
+        self.by_addr
+            .iter()
+            .filter(|(addr, r)| {
+                addr.port() == port && r.policy.is_some() && r.service.as_deref() == Some(service)
+            })
+            .min_by_key(|(addr, _)| **addr)
+            .map(|(addr, r)| (*addr, r.clone()))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_addr.is_empty()
     }
@@ -217,6 +229,25 @@ impl Discovery {
         kube.lookup_authority(authority, port)
             .await
             .map(|rx| Watched(WatchedInner::Kube(rx)))
+    }
+
+    /// See [`Snapshot::find_service`].
+    pub fn find_service(&self, service: &str, port: u16) -> Option<(SocketAddr, Resolved)> {
+        self.snapshot().find_service(service, port)
+    }
+
+    /// A route backend (`name.namespace` on `port`): its service address and policy, from the
+    /// file first, then Kubernetes (whose watches run while the returned guard lives).
+    pub fn find_backend(
+        &self,
+        service: &str,
+        port: u16,
+    ) -> Option<(SocketAddr, Arc<ServicePolicy>, Option<kube::BackendGuard>)> {
+        if let Some((addr, r)) = self.find_service(service, port) {
+            return Some((addr, r.policy?, None));
+        }
+        let (addr, policy, guard) = self.kube.as_ref()?.find_backend(service, port)?;
+        Some((addr, policy, Some(guard)))
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

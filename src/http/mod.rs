@@ -9,6 +9,8 @@
 //! - `tern-proxy-error`: on a response the proxy generated, why.
 
 pub mod client;
+pub mod h1_guard;
+pub mod limits;
 pub mod rescue;
 pub mod server;
 

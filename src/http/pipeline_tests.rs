@@ -160,10 +160,13 @@ async fn h2(
     out
 }
 
+/// A GET; an origin-form target gets a `Host` (HTTP/1.1 requires one).
 fn get(uri: &str) -> Request<Full<Bytes>> {
-    Request::get(uri)
-        .body(Full::new(Bytes::new()))
-        .expect("request")
+    let mut req = Request::get(uri);
+    if !uri.contains("://") {
+        req = req.header("host", "app");
+    }
+    req.body(Full::new(Bytes::new())).expect("request")
 }
 
 #[tokio::test]

@@ -13,6 +13,11 @@
 //! | every endpoint of the service ejected | 503 | UNAVAILABLE | `circuit_open` |
 //! | request timeout (`timeout`, `--request-timeout`) | 504 | DEADLINE_EXCEEDED (4) | `request_timeout` |
 //! | the service has no endpoints | 503 | UNAVAILABLE | `no_endpoints` |
+//! | the service has routes, none matches | 404 | UNIMPLEMENTED (12) | `no_route` |
+//! | a route's per-attempt timeout (`backendRequest`), last attempt | 504 | DEADLINE_EXCEEDED | `attempt_timeout` |
+//! | a route's backend is unknown or every weight is 0 | 500 | UNAVAILABLE | `invalid_backend` |
+//! | `--max-in-flight-requests` reached (load shedding) | 503 | UNAVAILABLE | `overloaded` |
+//! | the request body stopped arriving (`--request-body-idle-timeout`) | 408 | DEADLINE_EXCEEDED | `body_timeout` |
 //!
 //! A connect timeout is a 504 for HTTP, and UNAVAILABLE for gRPC (the request never reached a
 //! server, so clients may retry it; DEADLINE_EXCEEDED is for request timeouts).
@@ -25,8 +30,10 @@ use super::{BoxBody, PROXY_ERROR, empty};
 use crate::error::{CloseReason, ConnError};
 use crate::inbound::policy::Denied;
 use crate::layers::balance::{CircuitOpen, NoEndpoints};
-use crate::layers::timeout::RequestTimeout;
+use crate::layers::split::NoBackend;
+use crate::layers::timeout::{AttemptTimeout, RequestTimeout};
 use crate::mesh::client::MeshError;
+use crate::routes::NoRoute;
 
 /// Why the proxy answered itself. Label values of the `error` label on response metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -44,6 +51,11 @@ pub enum ProxyError {
     circuit_open,
     request_timeout,
     no_endpoints,
+    no_route,
+    attempt_timeout,
+    invalid_backend,
+    overloaded,
+    body_timeout,
 }
 
 impl ProxyError {
@@ -61,6 +73,11 @@ impl ProxyError {
             ProxyError::circuit_open => "circuit_open",
             ProxyError::request_timeout => "request_timeout",
             ProxyError::no_endpoints => "no_endpoints",
+            ProxyError::no_route => "no_route",
+            ProxyError::attempt_timeout => "attempt_timeout",
+            ProxyError::invalid_backend => "invalid_backend",
+            ProxyError::overloaded => "overloaded",
+            ProxyError::body_timeout => "body_timeout",
         }
     }
 
@@ -70,8 +87,15 @@ impl ProxyError {
             ProxyError::unauthorized | ProxyError::mtls_required => StatusCode::FORBIDDEN,
             ProxyError::r#loop => StatusCode::LOOP_DETECTED,
             ProxyError::bad_request => StatusCode::BAD_REQUEST,
-            ProxyError::circuit_open | ProxyError::no_endpoints => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::request_timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::circuit_open | ProxyError::no_endpoints | ProxyError::overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::request_timeout | ProxyError::attempt_timeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::no_route => StatusCode::NOT_FOUND,
+            ProxyError::invalid_backend => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::body_timeout => StatusCode::REQUEST_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -80,7 +104,10 @@ impl ProxyError {
         match self {
             ProxyError::unauthorized | ProxyError::mtls_required => 7,
             ProxyError::bad_request => 13,
-            ProxyError::request_timeout => 4,
+            ProxyError::request_timeout
+            | ProxyError::attempt_timeout
+            | ProxyError::body_timeout => 4,
+            ProxyError::no_route => 12,
             _ => 14,
         }
     }
@@ -119,8 +146,20 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ProxyError {
         if e.downcast_ref::<RequestTimeout>().is_some() {
             return ProxyError::request_timeout;
         }
+        if e.downcast_ref::<super::limits::BodyIdleTimeout>().is_some() {
+            return ProxyError::body_timeout;
+        }
         if e.downcast_ref::<NoEndpoints>().is_some() {
             return ProxyError::no_endpoints;
+        }
+        if e.downcast_ref::<NoRoute>().is_some() {
+            return ProxyError::no_route;
+        }
+        if e.downcast_ref::<AttemptTimeout>().is_some() {
+            return ProxyError::attempt_timeout;
+        }
+        if e.downcast_ref::<NoBackend>().is_some() {
+            return ProxyError::invalid_backend;
         }
         if let Some(l) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
             saw_connect |= l.is_connect();
@@ -217,5 +256,35 @@ mod tests {
         );
         let io: crate::http::BoxError = Box::new(std::io::Error::other("reset"));
         assert_eq!(classify(&*io), ProxyError::upstream_reset);
+    }
+
+    #[test]
+    fn route_errors_map_to_gateway_api_statuses() {
+        let cases: [(crate::http::BoxError, StatusCode, &str, &str); 3] = [
+            (
+                Box::new(NoRoute("web.shop".into())),
+                StatusCode::NOT_FOUND,
+                "12",
+                "no_route",
+            ),
+            (
+                Box::new(AttemptTimeout(std::time::Duration::from_secs(1))),
+                StatusCode::GATEWAY_TIMEOUT,
+                "4",
+                "attempt_timeout",
+            ),
+            (
+                Box::new(NoBackend("gone.shop".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "14",
+                "invalid_backend",
+            ),
+        ];
+        for (e, status, grpc, label) in cases {
+            let kind = classify(&*e);
+            assert_eq!(response(kind, false).status(), status, "{e}");
+            assert_eq!(response(kind, false).headers()[PROXY_ERROR], label);
+            assert_eq!(response(kind, true).headers()["grpc-status"], grpc, "{e}");
+        }
     }
 }

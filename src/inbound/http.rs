@@ -12,12 +12,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tower::{Layer, Service};
@@ -51,6 +51,7 @@ pub async fn serve_plain(
         client_id: String::new(),
         server_id: String::new(),
         dst_service: String::new(),
+        route: String::new(),
     };
     let svc = HttpMetricsLayer::new(inbound.http.clone(), labels).layer(ToApp {
         inbound: inbound.clone(),
@@ -63,7 +64,7 @@ pub async fn serve_plain(
         .tcp
         .conn(crate::metrics::TcpLabels::plain(Direction::inbound));
     let io = crate::transport::counted::CountedIo::new(io, crate::forward::counters(&conn));
-    let result = h::server::serve(io, version, svc)
+    let result = h::server::serve(io, version, svc, &inbound.server)
         .await
         .map(|()| crate::transport::copy::Transferred::default())
         .map_err(crate::error::ConnError::Http);
@@ -93,20 +94,11 @@ async fn from_mesh_inner(
         client_id: client_id.to_string(),
         server_id: String::new(),
         dst_service: String::new(),
+        route: String::new(),
     };
     let metrics = HttpMetricsLayer::new(inbound.http.clone(), labels);
-    let target = req
-        .headers()
-        .get(h::TARGET)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<SocketAddr>().ok());
-    let version = match req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes) {
-        Some(b"HTTP/1.0") => Some(Version::HTTP_10),
-        Some(b"HTTP/1.1") => Some(Version::HTTP_11),
-        Some(_) => None,
-        None => Some(Version::HTTP_2),
-    };
-    let (Some(target), Some(version)) = (target, version) else {
+    let head = crate::mesh::wire::parse(req.method(), req.uri(), req.headers());
+    let Ok(crate::mesh::wire::StreamHead::Http { target, version }) = head else {
         return record(
             metrics,
             req,
@@ -163,7 +155,7 @@ async fn from_mesh_inner(
         allowed: true,
     });
     // ToApp is always ready; naming the boxed future keeps its Send-ness concrete.
-    let fut: ResponseFuture = svc.call(req);
+    let fut: ResponseFuture = svc.call(req.map(h::boxed));
     match fut.await {
         Ok(resp) => resp,
         Err(never) => match never {},
@@ -200,7 +192,7 @@ struct ToApp {
     allowed: bool,
 }
 
-impl Service<Request<Incoming>> for ToApp {
+impl Service<Request<BoxBody>> for ToApp {
     type Response = Response<BoxBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
@@ -209,11 +201,32 @@ impl Service<Request<Incoming>> for ToApp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
             let grpc = h::is_grpc(req.headers());
             let version = req.version();
+            let tunnel = !this.meshed
+                && this.allowed
+                && version == Version::HTTP_11
+                && (req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE));
+            if tunnel {
+                let result = this.tunnel(req).await;
+                let switched = result.as_ref().ok().and_then(|r| {
+                    (r.status() == StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| r.headers().get(header::UPGRADE).cloned())
+                });
+                let mut resp = rescue::finish(result, grpc, version, "upgrade request to the app");
+                // A 101 must name the protocol it switched to.
+                if let Some(upgrade) = switched {
+                    let h = resp.headers_mut();
+                    if let Some(upgrade) = upgrade {
+                        h.insert(header::UPGRADE, upgrade);
+                    }
+                    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                return Ok(resp);
+            }
             let result = this.forward(req).await;
             Ok(rescue::finish(result, grpc, version, "request to the app"))
         })
@@ -221,12 +234,11 @@ impl Service<Request<Incoming>> for ToApp {
 }
 
 impl ToApp {
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+    async fn forward(&self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
         if !self.allowed {
             let grpc = h::is_grpc(req.headers());
             return Ok(rescue::response(ProxyError::unauthorized, grpc));
         }
-        let mut req = req.map(h::boxed);
         // A plain client's tern-* headers are forged by definition; a mesh request was cleaned
         // by `from_mesh`, which added the verified tern-client-id.
         if !self.meshed {
@@ -253,5 +265,61 @@ impl ToApp {
         }
         let client = self.inbound.upstreams.client(self.app, self.version);
         Ok(client.request(req).await?.map(h::boxed))
+    }
+}
+
+impl ToApp {
+    /// A plain client's `CONNECT` or `Upgrade` (WebSocket) request: its head is cleaned like any
+    /// other (forged `tern-*` headers stripped), sent to the app on a connection of its own,
+    /// and only when the app switches protocols (101, or 2xx to `CONNECT`) do both sides
+    /// become one opaque tunnel. Until then every request on the connection is parsed by
+    /// hyper, so nothing reaches the app past the header hygiene.
+    async fn tunnel(&self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
+        let client_side = hyper::upgrade::on(&mut req);
+        let connect = req.method() == Method::CONNECT;
+        let upgrade = req.headers().get(header::UPGRADE).cloned();
+        h::strip_tern_headers(req.headers_mut());
+        h::strip_hop_by_hop(req.headers_mut());
+        if let Some(upgrade) = upgrade {
+            let headers = req.headers_mut();
+            headers.insert(header::UPGRADE, upgrade);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let stream =
+            crate::transport::connect::connect(self.app, self.inbound.config.connect_timeout)
+                .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgrade connection to the app ended");
+            }
+        });
+        let mut resp = sender.send_request(req).await?;
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (connect && resp.status().is_success());
+        if switched {
+            let app_side = hyper::upgrade::on(&mut resp);
+            let buffer_size = self.inbound.config.buffer_size;
+            tokio::spawn(async move {
+                let (client, app) = match tokio::join!(client_side, app_side) {
+                    (Ok(c), Ok(a)) => (c, a),
+                    (c, a) => {
+                        tracing::debug!(client = c.is_ok(), app = a.is_ok(), "upgrade failed");
+                        return;
+                    }
+                };
+                let mut client = hyper_util::rt::TokioIo::new(client);
+                let mut app = hyper_util::rt::TokioIo::new(app);
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut app,
+                    buffer_size,
+                    buffer_size,
+                )
+                .await;
+            });
+        }
+        Ok(resp.map(h::boxed))
     }
 }

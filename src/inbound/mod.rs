@@ -57,6 +57,8 @@ pub struct Inbound {
     pub mesh_port: u16,
     /// The proxy's other ports: an original destination on one of them is a loop.
     pub own_ports: Vec<u16>,
+    /// Limits of the HTTP server facing non-meshed clients (`crate::http::limits`).
+    pub server: crate::http::limits::ServerLimits,
 }
 
 /// How an accepted inbound connection is handled.

@@ -3,7 +3,8 @@
 //! Where it sits: outermost in each direction's HTTP stack, around the proxying service (which
 //! never fails: errors are already responses from [`crate::http::rescue`]).
 //!
-//! Metrics (labels `direction`, `tls`, `client_id`, `server_id`, `dst_service` on all; plus the
+//! Metrics (labels `direction`, `tls`, `client_id`, `server_id`, `dst_service`, `route` (the
+//! matched route `namespace/name`, empty when none: see [`RouteLabel`]) on all; plus the
 //! response labels `status_code`, `grpc_status`, `classification`, `error`):
 //! - `tern_http_requests_total`: requests received;
 //! - `tern_http_responses_total`: responses completed (end of stream, trailers included);
@@ -56,7 +57,14 @@ pub struct RequestLabels {
     pub client_id: String,
     pub server_id: String,
     pub dst_service: String,
+    /// The route (`namespace/name`) the request matched; empty when none.
+    pub route: String,
 }
+
+/// A request extension naming the route the request matched (`namespace/name`); set by
+/// route matching before this layer sees the request, it fills the `route` label.
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResponseLabels {
@@ -162,10 +170,17 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let started = Instant::now();
-        self.metrics.requests.get_or_create(&self.labels).inc();
+        let labels = match req.extensions().get::<RouteLabel>() {
+            None => self.labels.clone(),
+            Some(r) => Arc::new(RequestLabels {
+                route: r.0.to_string(),
+                ..(*self.labels).clone()
+            }),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
         let recorder = Recorder {
             metrics: self.metrics.clone(),
-            labels: self.labels.clone(),
+            labels,
             started,
             status: 0,
             grpc_status: None,
@@ -208,6 +223,9 @@ fn static_error(v: &str) -> &'static str {
         P::circuit_open,
         P::request_timeout,
         P::no_endpoints,
+        P::no_route,
+        P::attempt_timeout,
+        P::invalid_backend,
     ]
     .into_iter()
     .map(P::as_str)
@@ -347,6 +365,7 @@ mod tests {
             client_id: String::new(),
             server_id: String::new(),
             dst_service: String::new(),
+            route: String::new(),
         }
     }
 

@@ -3,13 +3,17 @@
 
 //!
 //! The outbound resilience stack for discovery services, top-down: [`timeout`] → [`retry`] →
-//! [`balance`] → [`breaker`] → endpoint client (built in `crate::outbound::http`).
+//! [`balance`] → [`breaker`] → endpoint client (built in `crate::outbound::http`). A request
+//! that matched a route rule (`crate::routes`): timeout → retry (with backoff) → per-attempt
+//! timeout → [`split`] (weighted backend) → balance → breaker → endpoint client.
 
 pub mod balance;
 pub mod breaker;
 pub mod http_metrics;
 pub mod retry;
+pub mod route_match;
+pub mod split;
 pub mod timeout;
 
 #[cfg(test)]
-mod pipeline_tests;
+pub(crate) mod pipeline_tests;

@@ -21,22 +21,24 @@ use crate::demo::metric_value;
 
 /// The service address in the discovery file: the client's explicit outbound target. The proxy
 /// never dials it (discovery maps it to the endpoints).
-const SERVICE_ADDR: &str = "127.0.0.1:9";
+pub(crate) const SERVICE_ADDR: &str = "127.0.0.1:9";
 
 #[derive(Debug, Clone, Copy)]
-enum Behavior {
+pub(crate) enum Behavior {
     /// 200 with the app's name.
     Ok,
     /// Always this status.
     Status(u16),
     /// 200 after this long.
     Slow(Duration),
+    /// 200 with this `grpc-status` in the headers (a trailers-only gRPC answer).
+    Grpc(u32),
 }
 
 /// A hyper app server counting the requests that reach it; killed (listener and every
 /// connection closed) on `kill` or drop.
-struct App {
-    addr: SocketAddr,
+pub(crate) struct App {
+    pub(crate) addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
     /// After `kill`: a socket bound to the app's port but not listening, so connections are
@@ -45,7 +47,7 @@ struct App {
 }
 
 impl App {
-    async fn start(name: &'static str, behavior: Behavior) -> App {
+    pub(crate) async fn start(name: &'static str, behavior: Behavior) -> App {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
         let addr = l.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -56,9 +58,11 @@ impl App {
             while let Ok((s, _)) = l.accept().await {
                 let h = h.clone();
                 conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         h.fetch_add(1, Ordering::SeqCst);
                         async move {
+                            // As servers do: the whole request before the answer.
+                            let _ = req.into_body().collect().await;
                             let mut r =
                                 Response::new(Full::new(Bytes::from_static(name.as_bytes())));
                             match behavior {
@@ -67,6 +71,9 @@ impl App {
                                     *r.status_mut() = StatusCode::from_u16(s).expect("status")
                                 }
                                 Behavior::Slow(d) => tokio::time::sleep(d).await,
+                                Behavior::Grpc(code) => {
+                                    r.headers_mut().insert("grpc-status", code.into());
+                                }
                             }
                             Ok::<_, std::convert::Infallible>(r)
                         }
@@ -85,7 +92,7 @@ impl App {
         }
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
 
@@ -152,10 +159,10 @@ impl Running {
 }
 
 /// One HTTP/1.1 connection to the proxy, requests sent one after another.
-struct Client(SendRequest<Empty<Bytes>>);
+pub(crate) struct Client(SendRequest<Empty<Bytes>>);
 
 impl Client {
-    async fn connect(entry: SocketAddr) -> Client {
+    pub(crate) async fn connect(entry: SocketAddr) -> Client {
         let s = TcpStream::connect(entry).await.expect("connect");
         let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
             .await
@@ -164,7 +171,7 @@ impl Client {
         Client(tx)
     }
 
-    async fn get(&mut self, path: &str) -> (StatusCode, http::HeaderMap, String) {
+    pub(crate) async fn get(&mut self, path: &str) -> (StatusCode, http::HeaderMap, String) {
         self.0.ready().await.expect("connection open");
         let req = Request::get(path)
             .header("host", "web.shop")

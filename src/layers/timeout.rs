@@ -3,11 +3,15 @@
 //! Where it sits: outermost of the per-request resilience stack of a discovery service
 //! (timeout → retry → balance → breaker → endpoint client, see [`crate::outbound::http`]).
 //! The response body is not bounded: a stream that started is the app's business.
+//! [`TimeoutLayer::per_attempt`] makes the same layer bound each attempt instead: it sits
+//! under the retry layer of a route's stack (a route's `timeouts.backendRequest`).
 //!
 //! Errors: [`RequestTimeout`], which [`crate::http::rescue`] turns into 504 (gRPC:
-//! DEADLINE_EXCEEDED, `tern-proxy-error: request_timeout`). Metrics: none of its own (the
-//! response metrics label it `error="request_timeout"`). Configured per service by the
-//! discovery file's `timeout`, defaulting to `--request-timeout` (none unless set).
+//! DEADLINE_EXCEEDED, `tern-proxy-error: request_timeout`); per attempt [`AttemptTimeout`]
+//! (the retry layer retries it as a 504; the last one becomes 504 / DEADLINE_EXCEEDED,
+//! `attempt_timeout`). Metrics: none of its own (the response metrics label it
+//! `error="request_timeout"`). Configured per service by the discovery file's `timeout`,
+//! defaulting to `--request-timeout` (none unless set), and per route rule by `timeouts`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,15 +27,32 @@ use crate::http::BoxError;
 #[error("request timed out after {0:?}")]
 pub struct RequestTimeout(pub Duration);
 
+/// One attempt did not get its response headers within the route's `backendRequest`.
+#[derive(Debug, thiserror::Error)]
+#[error("attempt timed out after {0:?}")]
+pub struct AttemptTimeout(pub Duration);
+
 /// Applies `timeout` (when set) to each request.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutLayer {
     timeout: Option<Duration>,
+    attempt: bool,
 }
 
 impl TimeoutLayer {
     pub fn new(timeout: Option<Duration>) -> Self {
-        TimeoutLayer { timeout }
+        TimeoutLayer {
+            timeout,
+            attempt: false,
+        }
+    }
+
+    /// Bounds each attempt; expiry is an [`AttemptTimeout`].
+    pub fn per_attempt(timeout: Option<Duration>) -> Self {
+        TimeoutLayer {
+            timeout,
+            attempt: true,
+        }
     }
 }
 
@@ -42,6 +63,7 @@ impl<S> Layer<S> for TimeoutLayer {
         Timeout {
             inner,
             timeout: self.timeout,
+            attempt: self.attempt,
         }
     }
 }
@@ -51,6 +73,7 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct Timeout<S> {
     inner: S,
     timeout: Option<Duration>,
+    attempt: bool,
 }
 
 impl<S, Req> Service<Req> for Timeout<S>
@@ -69,12 +92,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let fut = self.inner.call(req);
-        let timeout = self.timeout;
+        let (timeout, attempt) = (self.timeout, self.attempt);
         Box::pin(async move {
             match timeout {
                 None => fut.await.map_err(Into::into),
                 Some(t) => match tokio::time::timeout(t, fut).await {
                     Ok(r) => r.map_err(Into::into),
+                    Err(_) if attempt => Err(AttemptTimeout(t).into()),
                     Err(_) => Err(RequestTimeout(t).into()),
                 },
             }
@@ -104,6 +128,16 @@ mod tests {
         let e = svc.oneshot(()).await.expect_err("timed out");
         let t = e.downcast_ref::<RequestTimeout>().expect("typed leaf");
         assert_eq!(t.0, Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_attempt_times_out_as_an_attempt() {
+        let svc = TimeoutLayer::per_attempt(Some(Duration::from_millis(300)))
+            .layer(slow(Duration::from_secs(5)));
+        let e = svc.oneshot(()).await.expect_err("timed out");
+        let t = e.downcast_ref::<AttemptTimeout>().expect("typed leaf");
+        assert_eq!(t.0, Duration::from_millis(300));
+        assert!(e.downcast_ref::<RequestTimeout>().is_none());
     }
 
     #[tokio::test(start_paused = true)]

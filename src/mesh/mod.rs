@@ -19,6 +19,7 @@
 
 pub mod client;
 pub mod server;
+pub mod wire;
 
 #[cfg(test)]
 mod pipeline_tests;

@@ -67,8 +67,9 @@ async fn stream(
     if req.method() != Method::CONNECT {
         return crate::inbound::http::from_mesh(inbound, req, client_id, local_ip).await;
     }
-    let Some(port) = req.uri().port_u16() else {
-        return refuse(StatusCode::BAD_REQUEST, "bad_target");
+    let port = match super::wire::parse(req.method(), req.uri(), req.headers()) {
+        Ok(super::wire::StreamHead::Tunnel { port }) => port,
+        _ => return refuse(StatusCode::BAD_REQUEST, "bad_target"),
     };
     let labels = TcpLabels {
         direction: Direction::inbound,

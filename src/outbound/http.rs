@@ -12,6 +12,10 @@
 //! A discovery service address picks the endpoint per request instead, through
 //! [`service_stack`]: timeout → retry → balance → breaker → [`EndpointClient`] (mesh when the
 //! endpoint has an identity, plain otherwise). Other destinations keep the connection's target.
+//! When Gateway API routes are attached to the service (`crate::routes`), `RouteMatchLayer`
+//! (outermost) picks the rule per request and the rule's [`route_stack`] runs instead:
+//! timeout → retry (with backoff) → per-attempt timeout → split (weighted backend Services)
+//! → per backend: balance → breaker → endpoint client. No matching rule: 404 `no_route`.
 //!
 //! Errors never reach hyper: [`crate::http::rescue`] turns them into 502/503/504/403 (gRPC:
 //! trailers-only) with `tern-proxy-error`. `tern-*` headers from the app are stripped.
@@ -26,7 +30,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
@@ -42,8 +45,11 @@ use crate::layers::balance::{BalanceLayer, Picked};
 use crate::layers::breaker::BreakerLayer;
 use crate::layers::http_metrics::{HttpMetricsLayer, RequestLabels};
 use crate::layers::retry::RetryLayer;
+use crate::layers::route_match::{RouteMatchLayer, RouteParent};
+use crate::layers::split::{Split, WeightedBackend};
 use crate::layers::timeout::TimeoutLayer;
 use crate::metrics::{Direction, TcpLabels, Tls};
+use crate::routes::{Matched, NoRoute, Rule, Unmatched};
 use crate::transport::copy::Transferred;
 use crate::transport::counted::CountedIo;
 use crate::transport::prefixed::PrefixedIo;
@@ -82,22 +88,30 @@ pub async fn serve(
         client_id: String::new(),
         server_id,
         dst_service: routed.service.clone().unwrap_or_default(),
+        route: String::new(),
     };
     let stack = routed
         .balanced
         .as_ref()
         .map(|dst| service_stack(&outbound, dst, version));
+    let parent = routed.balanced.as_ref().map(|dst| RouteParent {
+        service: dst.name.clone(),
+        port: dst.addr.0.port(),
+    });
     let svc = ServiceBuilder::new()
+        .layer(RouteMatchLayer::new(outbound.routes.clone(), parent))
         .layer(HttpMetricsLayer::new(outbound.metrics.http.clone(), labels))
         .service(ProxyHttp {
             outbound: outbound.clone(),
             target: Arc::new(routed.target),
             version,
             stack,
+            dst: routed.balanced.map(Arc::new),
+            rule_stacks: RuleStacks::default(),
         });
     let conn = outbound.tcp.conn(conn_labels);
     let io = CountedIo::new(io, forward::counters(&conn));
-    let result = h::server::serve(io, version, svc).await;
+    let result = h::server::serve(io, version, svc, &outbound.metrics.limits).await;
     let result = result
         .map(|()| Transferred::default())
         .map_err(ConnError::Http);
@@ -136,6 +150,140 @@ pub fn service_stack(
     BoxCloneSyncService::new(stack)
 }
 
+/// The stack of a route rule matched by a request to `dst` (its parent Service). The
+/// rule's timeouts and retry override the service's; unset, the service's apply. The retry
+/// budget is the parent's; each backend Service has its own balancer and breakers (shared
+/// with direct traffic to it). A rule without backendRefs sends to the parent itself.
+pub fn route_stack(
+    outbound: &Arc<Outbound>,
+    dst: &ServiceDst,
+    rule: &Rule,
+    version: HttpVersion,
+) -> ServiceStack {
+    let state = outbound.service_state(dst);
+    let timeout = match rule.timeouts.request {
+        Some(t) => Some(t).filter(|t| !t.is_zero()),
+        None => dst.policy.timeout.or(outbound.config.request_timeout),
+    };
+    let retry = rule.retry.as_ref();
+    let policy = retry.map_or_else(|| dst.policy.retry.clone(), |r| Some(r.policy.clone()));
+    let retry = RetryLayer::new(
+        state.balancer.service().clone(),
+        policy,
+        state.budget.clone(),
+        outbound.metrics.retry.clone(),
+    )
+    .with_backoff(retry.map(|r| r.backoff));
+    let attempt_timeout = rule.timeouts.backend_request.filter(|t| !t.is_zero());
+    let stack = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(timeout))
+        .layer(retry)
+        .layer(TimeoutLayer::per_attempt(attempt_timeout))
+        .service(Split::new(route_backends(outbound, dst, rule, version)));
+    BoxCloneSyncService::new(stack)
+}
+
+/// A rule's weighted backends, resolved through discovery (`name.namespace` and port); an
+/// unknown one keeps its weight and fails its share (`invalid_backend`).
+fn route_backends(
+    outbound: &Arc<Outbound>,
+    dst: &ServiceDst,
+    rule: &Rule,
+    version: HttpVersion,
+) -> Vec<WeightedBackend<ServiceStack>> {
+    if rule.backends.is_empty() {
+        return vec![WeightedBackend {
+            name: dst.name.clone(),
+            weight: 1,
+            service: Some(backend_stack(outbound, dst, version)),
+        }];
+    }
+    let resolve = |service: &str, port| {
+        let (addr, policy, guard) = outbound.discovery.as_ref()?.find_backend(service, port)?;
+        let dst = ServiceDst {
+            addr: OrigDstAddr(addr),
+            name: service.to_owned(),
+            policy,
+        };
+        Some((dst, guard))
+    };
+    rule.backends
+        .iter()
+        .map(|b| {
+            let backend = resolve(&b.service, b.port);
+            if backend.is_none() {
+                // Each failed request is logged by `rescue` (`invalid_backend`).
+                tracing::debug!(route = &*rule.label, backend = %b.service, port = b.port,
+                    "route backend unknown to discovery; its share of requests fails");
+            }
+            WeightedBackend {
+                name: b.service.clone(),
+                weight: b.weight,
+                service: backend.map(|(d, guard)| {
+                    let stack = backend_stack(outbound, &d, version);
+                    match guard {
+                        // The stack holds the guard: a Kubernetes backend stays watched while
+                        // a connection can still send to it.
+                        Some(guard) => ServiceStack::new(stack.map_request(move |r| {
+                            let _held = &guard;
+                            r
+                        })),
+                        None => stack,
+                    }
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Most rule stacks one connection keeps; past it the cache starts over (reloads make new
+/// rules, so a long-lived connection would otherwise hold every old one).
+const RULE_STACKS_MAX: usize = 16;
+
+/// The stacks of the route rules a connection's requests matched, built on first use. Kept
+/// per connection rather than in the shared rule, because the stacks hold the `Outbound`
+/// that holds the routes: a cycle that would never be freed.
+#[derive(Debug, Clone, Default)]
+struct RuleStacks(Arc<std::sync::Mutex<Vec<RuleStack>>>);
+
+/// A rule and the stack built for it.
+type RuleStack = (Arc<Rule>, ServiceStack);
+
+impl RuleStacks {
+    fn get(
+        &self,
+        outbound: &Arc<Outbound>,
+        dst: &ServiceDst,
+        rule: &Arc<Rule>,
+        version: HttpVersion,
+    ) -> ServiceStack {
+        let mut stacks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, s)) = stacks.iter().find(|(r, _)| Arc::ptr_eq(r, rule)) {
+            return s.clone();
+        }
+        if stacks.len() >= RULE_STACKS_MAX {
+            stacks.clear();
+        }
+        let stack = route_stack(outbound, dst, rule, version);
+        stacks.push((rule.clone(), stack.clone()));
+        stack
+    }
+}
+
+/// One backend Service of a route: balance → breaker → endpoint client.
+fn backend_stack(outbound: &Arc<Outbound>, dst: &ServiceDst, version: HttpVersion) -> ServiceStack {
+    let state = outbound.service_state(dst);
+    let service = state.balancer.service().clone();
+    let stack = ServiceBuilder::new()
+        .layer(BalanceLayer::new(state.balancer.clone()))
+        .layer(BreakerLayer::new(service, outbound.metrics.breaker.clone()))
+        .service(EndpointClient {
+            outbound: outbound.clone(),
+            version,
+        });
+    BoxCloneSyncService::new(stack)
+}
+
 /// The innermost service: forwards one request to its target.
 #[derive(Debug, Clone)]
 struct ProxyHttp {
@@ -144,9 +292,12 @@ struct ProxyHttp {
     version: HttpVersion,
     /// Present for a discovery service: the endpoint is picked per request.
     stack: Option<ServiceStack>,
+    /// The discovery service, the parent of any routes the requests match.
+    dst: Option<Arc<ServiceDst>>,
+    rule_stacks: RuleStacks,
 }
 
-impl tower::Service<Request<Incoming>> for ProxyHttp {
+impl tower::Service<Request<BoxBody>> for ProxyHttp {
     type Response = Response<BoxBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
@@ -155,7 +306,7 @@ impl tower::Service<Request<Incoming>> for ProxyHttp {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<BoxBody>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
             let grpc = h::is_grpc(req.headers());
@@ -167,13 +318,23 @@ impl tower::Service<Request<Incoming>> for ProxyHttp {
 }
 
 impl ProxyHttp {
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<BoxBody>, BoxError> {
+    async fn forward(&self, mut req: Request<BoxBody>) -> Result<Response<BoxBody>, BoxError> {
         if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
             return Ok(not_implemented());
         }
-        let mut req = req.map(h::boxed);
         h::strip_tern_headers(req.headers_mut());
         h::strip_hop_by_hop(req.headers_mut());
+        if let Some(dst) = &self.dst {
+            if req.extensions().get::<Unmatched>().is_some() {
+                return Err(NoRoute(dst.name.clone()).into());
+            }
+            if let Some(Matched(rule)) = req.extensions_mut().remove::<Matched>() {
+                let stack = self
+                    .rule_stacks
+                    .get(&self.outbound, dst, &rule, self.version);
+                return through(&stack, req).await;
+            }
+        }
         match &self.stack {
             Some(stack) => through(stack, req).await,
             None => send(&self.outbound, &self.target, self.version, req).await,

@@ -43,6 +43,7 @@ use crate::layers::retry::{Budget, RetryMetrics};
 use crate::mesh::ProbeResult;
 use crate::mesh::client::{MeshClient, MeshError};
 use crate::metrics::{Direction, TcpLabels, TcpMetrics, Tls};
+use crate::routes::RouteStore;
 use crate::tls::ExpectedServer;
 use crate::transport::copy::copy_bidirectional;
 use crate::transport::prefixed::PrefixedIo;
@@ -58,6 +59,8 @@ pub struct OutboundMetrics {
     pub balance: BalanceMetrics,
     pub breaker: BreakerMetrics,
     pub retry: RetryMetrics,
+    /// The app-facing HTTP server's limits and their counters (`crate::http::limits`).
+    pub limits: crate::http::limits::ServerLimits,
 }
 
 /// Bound on remembered not-meshed destinations; expired entries are pruned when it is reached.
@@ -85,6 +88,8 @@ pub struct Outbound {
     /// Per discovery service: its balancer (endpoint load and breakers) and retry budget,
     /// shared by every connection to it. Bounded by the services discovery knows.
     services: Mutex<HashMap<String, Arc<ServiceState>>>,
+    /// Gateway API routes (`--routes-file`); empty: every service uses its own stack.
+    pub routes: RouteStore,
 }
 
 /// What every connection to one discovery service shares.
@@ -149,7 +154,14 @@ impl Outbound {
             not_meshed: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             services: Mutex::new(HashMap::new()),
+            routes: RouteStore::default(),
         }
+    }
+
+    /// Routes requests to services by `routes` (see `crate::routes`).
+    pub fn with_routes(mut self, routes: RouteStore) -> Self {
+        self.routes = routes;
+        self
     }
 
     /// Serves one accepted connection to completion.

@@ -6,17 +6,20 @@ use std::net::{Ipv4Addr, SocketAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-/// Backlog of pending (not yet accepted) connections per listener.
-const BACKLOG: i32 = 1024;
+/// Default backlog of pending (not yet accepted) connections per listener (`--listen-backlog`).
+pub const BACKLOG: u32 = 1024;
 
 /// Binds `addr`. An unspecified IPv6 address (`[::]`) is dual-stack; where IPv6 is disabled it
 /// falls back to `0.0.0.0` on the same port.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    match bind_exact(addr) {
+pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    match bind_exact(addr, backlog) {
         Ok(l) => Ok(l),
         Err(e) if addr.is_ipv6() && addr.ip().is_unspecified() && ipv6_unavailable(&e) => {
             tracing::warn!(%addr, error = %e, "IPv6 unavailable; binding 0.0.0.0 instead");
-            bind_exact(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()))
+            bind_exact(
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port()),
+                backlog,
+            )
         }
         Err(e) => Err(e),
     }
@@ -24,11 +27,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Binds every address in `addrs`, skipping IPv6 ones that cannot be bound because IPv6 is off.
 /// Fails when none could be bound.
-pub fn bind_all(addrs: &[SocketAddr]) -> io::Result<Vec<TcpListener>> {
+pub fn bind_all(addrs: &[SocketAddr], backlog: u32) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     let mut last_err = None;
     for &addr in addrs {
-        match bind_exact(addr) {
+        match bind_exact(addr, backlog) {
             Ok(l) => out.push(l),
             Err(e) if addr.is_ipv6() && ipv6_unavailable(&e) => {
                 tracing::warn!(%addr, error = %e, "IPv6 unavailable; skipping listener");
@@ -50,7 +53,7 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
     )
 }
 
-fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_exact(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -58,6 +61,6 @@ fn bind_exact(addr: SocketAddr) -> io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
 }

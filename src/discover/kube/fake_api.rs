@@ -1,5 +1,5 @@
 //! An in-process Kubernetes API server for tests: plain HTTP/1.1 on 127.0.0.1, speaking the
-//! list/watch protocol for Services, EndpointSlices and Pods (lists carry `resourceVersion`;
+//! list/watch protocol for Services, EndpointSlices, Pods, HTTPRoutes and GRPCRoutes (lists carry `resourceVersion`;
 //! `?watch=true&resourceVersion=N` streams newline-delimited JSON events after N; a version
 //! older than the last compaction gets a `410 Gone` ERROR event, which makes clients re-list).
 //! Equality label selectors are honoured. The server can drop every watch, stop listening and
@@ -28,6 +28,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    HTTPRoute,
+    GRPCRoute,
 }
 
 impl Kind {
@@ -36,6 +38,8 @@ impl Kind {
             Some("Service") => Kind::Service,
             Some("EndpointSlice") => Kind::EndpointSlice,
             Some("Pod") => Kind::Pod,
+            Some("HTTPRoute") => Kind::HTTPRoute,
+            Some("GRPCRoute") => Kind::GRPCRoute,
             other => panic!("fake API: unsupported kind {other:?}"),
         }
     }
@@ -43,6 +47,7 @@ impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -52,6 +57,8 @@ impl Kind {
             Kind::Service => "ServiceList",
             Kind::EndpointSlice => "EndpointSliceList",
             Kind::Pod => "PodList",
+            Kind::HTTPRoute => "HTTPRouteList",
+            Kind::GRPCRoute => "GRPCRouteList",
         }
     }
 }
@@ -356,11 +363,13 @@ impl Filter {
     }
 }
 
-/// `/api/v1[/namespaces/NS]/{services,pods}`, `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`.
+/// `/api/v1[/namespaces/NS]/{services,pods}`, `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`,
+/// `/apis/gateway.networking.k8s.io/v1[/namespaces/NS]/{httproutes,grpcroutes}`.
 fn route(path: &str) -> Option<(Kind, Option<String>)> {
     let rest = path
         .strip_prefix("/api/v1/")
-        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))?;
+        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))
+        .or_else(|| path.strip_prefix("/apis/gateway.networking.k8s.io/v1/"))?;
     let (ns, collection) = match rest.strip_prefix("namespaces/") {
         Some(r) => {
             let (ns, c) = r.split_once('/')?;
@@ -372,6 +381,8 @@ fn route(path: &str) -> Option<(Kind, Option<String>)> {
         "services" => Kind::Service,
         "pods" => Kind::Pod,
         "endpointslices" => Kind::EndpointSlice,
+        "httproutes" => Kind::HTTPRoute,
+        "grpcroutes" => Kind::GRPCRoute,
         _ => return None,
     };
     Some((kind, ns))

@@ -30,7 +30,7 @@ pub mod endpoints;
 pub mod services;
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod pipeline_tests;
 #[cfg(test)]
@@ -56,7 +56,7 @@ use tokio::sync::watch;
 
 use self::endpoints::ServiceWatch;
 use self::services::Index;
-use crate::discover::Resolved;
+use crate::discover::{Resolved, ServicePolicy};
 
 /// Where the Kubernetes API server is and how to authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,6 +109,10 @@ pub struct KubeSettings {
     /// First delay after an API error (doubles up to 30 s).
     pub backoff: Duration,
 }
+
+/// Keeps a route backend's Service watched while it lives (see [`KubeDiscovery::find_backend`]).
+#[derive(Debug, Clone)]
+pub struct BackendGuard(Arc<()>);
 
 /// A Service's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -511,6 +515,37 @@ impl KubeDiscovery {
             .get(&info.key)
             .cloned()?;
         watch.current((dst.port(), Family::of(dst.ip())))
+    }
+
+    /// A route backend (`name.namespace` on `port`): its ClusterIP address and policy. Starts
+    /// the Service's watches in the background (the first requests may find no endpoints yet);
+    /// they keep running while the returned guard lives, so a backend stack holds its Service.
+    pub fn find_backend(
+        &self,
+        service: &str,
+        port: u16,
+    ) -> Option<(SocketAddr, Arc<ServicePolicy>, BackendGuard)> {
+        let (name, namespace) = service.split_once('.')?;
+        let key = ServiceKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let info = self.inner.shared.services.get(&key)?;
+        info.port(port)?;
+        let vip = SocketAddr::new(*info.cluster_ips.first()?, port);
+        let guard = BackendGuard(Arc::new(()));
+        let held = Arc::downgrade(&guard.0);
+        let kube = self.clone();
+        tokio::spawn(async move {
+            let Some(rx) = kube.lookup(vip).await else {
+                return;
+            };
+            while held.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            drop(rx);
+        });
+        Some((vip, info.policy.clone(), guard))
     }
 
     /// A Service VIP:port: its destination channel, starting the Service's watches.

@@ -436,3 +436,114 @@ fn raw_server_config(issued: &Issued) -> Arc<ServerConfig> {
         .unwrap();
     Arc::new(config)
 }
+
+/// A client that presents whatever certificate chain it is given and accepts any server: the
+/// attacker's side of a mesh handshake, so only the server's checks decide.
+fn raw_client_config(issued: &Issued) -> Arc<ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client certificates an attacker might present to a mesh port: every one is refused by the
+/// server, however the rest of the handshake goes.
+#[tokio::test]
+async fn malformed_client_certificates_are_refused_by_the_server() {
+    let ca = TestCa::new("cluster.local").unwrap();
+    let server_id = id("spiffe://cluster.local/ns/shop/sa/web");
+    let server = store_for(&ca.issue(&server_id, HOUR).unwrap());
+    let evil = id("spiffe://cluster.local/ns/evil/sa/x");
+    let mut deep = ca.intermediate().unwrap();
+    for _ in 0..9 {
+        deep = deep.intermediate().unwrap();
+    }
+    let cases: Vec<(&str, Issued)> = vec![
+        ("expired", ca.issue_expired(&evil).unwrap()),
+        ("not yet valid", ca.issue_not_yet_valid(&evil).unwrap()),
+        (
+            "two URI SANs",
+            ca.issue_with_uris(&[
+                "spiffe://cluster.local/ns/evil/sa/x",
+                "spiffe://cluster.local/ns/kube-system/sa/admin",
+            ])
+            .unwrap(),
+        ),
+        (
+            "a CA certificate as leaf",
+            ca.issue_ca_as_leaf(&evil).unwrap(),
+        ),
+        ("self-signed", ca.issue_self_signed(&evil, HOUR).unwrap()),
+        ("ten intermediates", deep.issue(&evil, HOUR).unwrap()),
+        ("no SPIFFE ID", ca.issue_dns_only("evil.example").unwrap()),
+    ];
+    for (name, issued) in cases {
+        let (accepted, _) = handshake(server.server_config(), raw_client_config(&issued)).await;
+        let Accepted::Err(err) = accepted else {
+            panic!("{name}: the server accepted the client: {accepted:?}");
+        };
+        eprintln!("{name}: refused: {err}");
+    }
+    // The control: a well-formed client certificate through the same raw client is accepted.
+    let good = ca.issue(&evil, HOUR).unwrap();
+    let (accepted, _) = handshake(server.server_config(), raw_client_config(&good)).await;
+    assert!(
+        matches!(&accepted, Accepted::Ok { client: Some(c), .. } if c.to_string() == evil.to_string()),
+        "{accepted:?}"
+    );
+}

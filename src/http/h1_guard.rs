@@ -1,0 +1,338 @@
+//! A read-side guard for HTTP/1 server connections: it follows the request stream's framing
+//! (heads, `Content-Length` bodies, chunked bodies) byte by byte as hyper reads it, and makes a
+//! head that is ambiguous fail hyper's parser, so hyper answers 400 and closes the connection.
+//!
+//! Why: hyper accepts a request with both `Content-Length` and `Transfer-Encoding` (RFC 9112
+//! §6.1 lets a server resolve it) and drops `Content-Length` from the parsed request, so the
+//! service can no longer tell. A proxy must not guess how the next hop frames such a request
+//! (request smuggling): it refuses it. The guard turns the head's final line feed into a NUL,
+//! which no HTTP/1 parser accepts, only for such heads; every other byte passes unchanged.
+//!
+//! The guard stops following (and changes nothing more) once the stream leaves plain HTTP/1
+//! framing: an `Upgrade`/`CONNECT` request, a head it cannot parse, or one over the limits
+//! (hyper then answers those itself). It counts header-count overflows and refusals in
+//! [`LimitMetrics`](super::limits::LimitMetrics) through [`ServerLimits`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::limits::{Limit, Rejected, ServerLimits};
+
+/// Where the guard is in the request stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head.
+    Head,
+    /// Skipping a `Content-Length` body: bytes left.
+    Body(u64),
+    /// A chunk-size line: the size so far, and whether an extension started.
+    ChunkSize { size: u64, digits: bool, ext: bool },
+    /// Chunk data: bytes left.
+    ChunkData(u64),
+    /// The CRLF after chunk data.
+    ChunkEnd { cr: bool },
+    /// Trailer lines after the last chunk: whether the current line is empty so far.
+    Trailers { empty: bool },
+    /// Not following any more.
+    Passthrough,
+}
+
+/// An I/O whose reads are checked by the guard; writes pass through.
+pub struct H1Guard<IO> {
+    io: IO,
+    state: State,
+    head: Vec<u8>,
+    limits: ServerLimits,
+}
+
+impl<IO> H1Guard<IO> {
+    pub fn new(io: IO, limits: ServerLimits) -> Self {
+        H1Guard {
+            io,
+            state: State::Head,
+            head: Vec::new(),
+            limits,
+        }
+    }
+
+    /// Follows `data` (bytes just read), changing the final byte of an ambiguous head.
+    fn follow(&mut self, data: &mut [u8]) {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                State::Passthrough => return,
+                State::Head => {
+                    let b = data[i];
+                    self.head.push(b);
+                    i += 1;
+                    if b != b'\n' {
+                        if self.head.len() > self.limits.max_head_bytes {
+                            self.stop();
+                        }
+                        continue;
+                    }
+                    // Empty lines before a request line are skipped by parsers.
+                    if self.head == b"\n" || self.head == b"\r\n" {
+                        self.head.clear();
+                        continue;
+                    }
+                    if self.head.ends_with(b"\n\n") || self.head.ends_with(b"\n\r\n") {
+                        if let Some(poison) = self.end_of_head() {
+                            if poison {
+                                data[i - 1] = 0;
+                            }
+                        }
+                    }
+                }
+                State::Body(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    i += n as usize;
+                    self.state = if left == n {
+                        State::Head
+                    } else {
+                        State::Body(left - n)
+                    };
+                }
+                State::ChunkSize { size, digits, ext } => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match b {
+                        b'\n' if digits => {
+                            if size == 0 {
+                                State::Trailers { empty: true }
+                            } else {
+                                State::ChunkData(size)
+                            }
+                        }
+                        _ if ext => State::ChunkSize { size, digits, ext },
+                        b';' | b' ' | b'\t' | b'\r' if digits => State::ChunkSize {
+                            size,
+                            digits,
+                            ext: true,
+                        },
+                        _ => match (b as char).to_digit(16) {
+                            Some(d) => match size.checked_mul(16) {
+                                Some(s) => State::ChunkSize {
+                                    size: s + u64::from(d),
+                                    digits: true,
+                                    ext,
+                                },
+                                None => State::Passthrough,
+                            },
+                            None => State::Passthrough,
+                        },
+                    };
+                }
+                State::ChunkData(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    i += n as usize;
+                    self.state = if left == n {
+                        State::ChunkEnd { cr: false }
+                    } else {
+                        State::ChunkData(left - n)
+                    };
+                }
+                State::ChunkEnd { cr } => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match (b, cr) {
+                        (b'\r', false) => State::ChunkEnd { cr: true },
+                        (b'\n', _) => State::ChunkSize {
+                            size: 0,
+                            digits: false,
+                            ext: false,
+                        },
+                        _ => State::Passthrough,
+                    };
+                }
+                State::Trailers { empty } => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match b {
+                        b'\n' if empty => State::Head,
+                        b'\n' => State::Trailers { empty: true },
+                        b'\r' => State::Trailers { empty },
+                        _ => State::Trailers { empty: false },
+                    };
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.state = State::Passthrough;
+        self.head = Vec::new();
+    }
+
+    /// Parses the complete head in `self.head` and picks the next state. `Some(true)`: the
+    /// head is ambiguous and must be refused.
+    fn end_of_head(&mut self) -> Option<bool> {
+        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+        let mut req = httparse::Request::new(&mut headers);
+        let parsed = req.parse(&self.head);
+        let framing = match parsed {
+            Ok(httparse::Status::Complete(_)) => {
+                let (mut cl, mut te, mut upgrade) = (Vec::new(), Vec::new(), false);
+                for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("content-length") {
+                        cl.push(h.value);
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        te.push(h.value);
+                    } else if h.name.eq_ignore_ascii_case("upgrade") {
+                        upgrade = true;
+                    }
+                }
+                if !cl.is_empty() && !te.is_empty() {
+                    self.limits.rejected(Rejected::ambiguous_framing);
+                    tracing::info!(
+                        "request with both Content-Length and Transfer-Encoding refused"
+                    );
+                    self.stop();
+                    return Some(true);
+                }
+                let connect = req
+                    .method
+                    .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"));
+                if upgrade || connect {
+                    None
+                } else if let Some(last) = te.last() {
+                    let chunked = last
+                        .rsplit(|b| *b == b',')
+                        .next()
+                        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    chunked.then_some(State::ChunkSize {
+                        size: 0,
+                        digits: false,
+                        ext: false,
+                    })
+                } else if let Some(v) = cl.first() {
+                    std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(|n| if n == 0 { State::Head } else { State::Body(n) })
+                } else {
+                    Some(State::Head)
+                }
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                self.limits.exceeded(Limit::header_count);
+                None
+            }
+            _ => None,
+        };
+        match framing {
+            Some(next) => {
+                self.head.clear();
+                self.state = next;
+            }
+            None => self.stop(),
+        }
+        Some(false)
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for H1Guard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if this.state != State::Passthrough {
+                let filled = buf.filled_mut();
+                let new = &mut filled[before..];
+                this.follow(new);
+            }
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for H1Guard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProxyConfig;
+    use crate::http::limits::LimitMetrics;
+    use crate::metrics::Direction;
+
+    fn guard() -> H1Guard<()> {
+        let limits = ServerLimits::new(
+            &ProxyConfig::loopback(),
+            Direction::inbound,
+            LimitMetrics::default(),
+        );
+        H1Guard::new((), limits)
+    }
+
+    /// Feeds `input` split at every `step` bytes; returns the bytes as hyper would read them.
+    fn run(input: &[u8], step: usize) -> Vec<u8> {
+        let mut g = guard();
+        let mut out = Vec::new();
+        for chunk in input.chunks(step) {
+            let mut c = chunk.to_vec();
+            g.follow(&mut c);
+            out.extend(c);
+        }
+        out
+    }
+
+    #[test]
+    fn only_ambiguous_heads_change_however_they_are_split() {
+        let clean: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\nHost: a\n\n",
+        ];
+        for input in clean {
+            for step in [1, 2, 7, input.len()] {
+                assert_eq!(&run(input, step)[..], *input, "step {step}");
+            }
+        }
+        // CL + TE in the second request of a keep-alive connection, behind a chunked body that
+        // contains a fake head: only the real second head is poisoned.
+        let input: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n18\r\nGET / HTTP/1.1\r\nX: 1\r\n\r\n\r\n0\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        for step in [1, 3, input.len()] {
+            let out = run(input, step);
+            let diff: Vec<usize> = (0..input.len()).filter(|i| out[*i] != input[*i]).collect();
+            let end = input.len() - "0\r\n\r\n".len() - 1;
+            assert_eq!(diff, vec![end], "step {step}");
+            assert_eq!(out[end], 0);
+        }
+    }
+}
