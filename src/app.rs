@@ -37,6 +37,7 @@ pub struct Proxy {
     registry: Arc<Registry>,
     identity: Option<Arc<IdentityStore>>,
     discovery: Option<(Discovery, discover::file::FileMetrics, discover::file::Seen)>,
+    dns_metrics: discover::dns::DnsMetrics,
     /// The routes store and what the routes file held at start-up (`--routes-file`).
     routes: Option<(crate::routes::RouteStore, Option<crate::routes::file::Seen>)>,
     inbound: Arc<Inbound>,
@@ -132,6 +133,7 @@ impl Proxy {
         if let Some(store) = &identity {
             check_identity_matches_pod(&config, store);
         }
+        let dns_metrics = discover::dns::DnsMetrics::register(tern);
         let discovery = match &config.discovery_file {
             Some(path) => {
                 let metrics = discover::file::FileMetrics::register(tern);
@@ -243,6 +245,7 @@ impl Proxy {
             registry: Arc::new(registry),
             identity,
             discovery,
+            dns_metrics,
             routes,
             inbound,
             outbound,
@@ -291,6 +294,11 @@ impl Proxy {
             background.push(store.watch(dir.clone(), config.identity_reload_interval));
         }
         if let (Some((d, metrics, seen)), Some(path)) = (self.discovery, &config.discovery_file) {
+            background.push(tokio::spawn(discover::dns::watch(
+                d.clone(),
+                config.dns(),
+                self.dns_metrics,
+            )));
             background.push(tokio::spawn(discover::file::watch(
                 path.clone(),
                 d,

@@ -223,6 +223,26 @@ pub struct ProxyArgs {
     #[arg(long, env = "TERN_WORKERS", default_value_t = 1)]
     pub workers: usize,
 
+    /// resolv.conf for DNS discovery (discovery-file services with `dns:`): nameservers,
+    /// `search`, `ndots`, timeouts.
+    #[arg(long, env = "TERN_DNS_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    pub dns_resolv_conf: PathBuf,
+
+    /// DNS discovery: ask this nameserver (`ip:port`) instead of the resolv.conf ones (its
+    /// `search` and `ndots` still apply).
+    #[arg(long, env = "TERN_DNS_NAMESERVER")]
+    pub dns_nameserver: Option<SocketAddr>,
+
+    /// DNS discovery: a name is resolved again at the earliest this long after its last answer,
+    /// whatever its TTL (and this long after a failed lookup).
+    #[arg(long, env = "TERN_DNS_MIN_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub dns_min_ttl: Duration,
+
+    /// DNS discovery: a name is resolved again at the latest this long after its last answer,
+    /// whatever its TTL.
+    #[arg(long, env = "TERN_DNS_MAX_TTL", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub dns_max_ttl: Duration,
+
     /// Largest HTTP/1 request head (request line and headers), in bytes; beyond it the request
     /// gets 431 and the connection closes (1024..=1048576).
     #[arg(long, env = "TERN_MAX_REQUEST_HEAD_BYTES", default_value_t = 64 * 1024)]

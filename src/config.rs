@@ -59,6 +59,10 @@ pub enum ConfigError {
         env: &'static str,
         addr: SocketAddr,
     },
+    #[error(
+        "--dns-min-ttl (TERN_DNS_MIN_TTL) {min:?} must be at least 10ms and at most --dns-max-ttl (TERN_DNS_MAX_TTL) {max:?}"
+    )]
+    DnsTtl { min: Duration, max: Duration },
     #[error("--{flag} ({env}) must be between {min} and {max}, got {value}: there is no unlimited")]
     OutOfRange {
         flag: &'static str,
@@ -121,6 +125,12 @@ pub struct ProxyConfig {
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
     pub service_account: Option<String>,
+    pub dns_resolv_conf: PathBuf,
+    pub dns_nameserver: Option<SocketAddr>,
+    #[serde(with = "humantime_serde_compat")]
+    pub dns_min_ttl: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub dns_max_ttl: Duration,
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
     pub max_uri_length: usize,
@@ -197,6 +207,12 @@ impl ProxyConfig {
         {
             return Err(ConfigError::DetectTimeout(a.detect_timeout));
         }
+        if a.dns_min_ttl < Duration::from_millis(10) || a.dns_min_ttl > a.dns_max_ttl {
+            return Err(ConfigError::DnsTtl {
+                min: a.dns_min_ttl,
+                max: a.dns_max_ttl,
+            });
+        }
         if a.require_mtls && a.identity_dir.is_none() {
             return Err(ConfigError::RequireMtlsWithoutIdentity);
         }
@@ -264,6 +280,10 @@ impl ProxyConfig {
             pod_name: a.pod_name.clone(),
             pod_namespace: a.pod_namespace.clone(),
             service_account: a.service_account.clone(),
+            dns_resolv_conf: a.dns_resolv_conf.clone(),
+            dns_nameserver: a.dns_nameserver,
+            dns_min_ttl: a.dns_min_ttl,
+            dns_max_ttl: a.dns_max_ttl,
             max_request_head_bytes: a.max_request_head_bytes,
             max_request_headers: a.max_request_headers,
             max_uri_length: a.max_uri_length,
@@ -337,6 +357,16 @@ fn discovery_sources(a: &ProxyArgs) -> Result<(Option<ApiServer>, Option<PathBuf
 }
 
 impl ProxyConfig {
+    /// The DNS discovery settings.
+    pub fn dns(&self) -> crate::discover::dns::DnsConfig {
+        crate::discover::dns::DnsConfig {
+            resolv_conf: self.dns_resolv_conf.clone(),
+            nameserver: self.dns_nameserver,
+            min_ttl: self.dns_min_ttl,
+            max_ttl: self.dns_max_ttl,
+        }
+    }
+
     /// Whether `port` skips protocol detection (server-speaks-first).
     pub fn is_opaque_port(&self, port: u16) -> bool {
         crate::detect::DEFAULT_OPAQUE_PORTS.contains(&port)

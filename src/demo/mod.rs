@@ -4,14 +4,18 @@
 //! ```text
 //!  TCP clients  ─▶ client-side tern (tcp)  ═mTLS═╗
 //!  HTTP clients ─▶ client-side tern (http) ═mTLS═╬═▶ server-side tern ─┬─▶ echo app (TCP)
-//!  intruder     ─▶ intruder tern           ═mTLS═╝   (policy)          └─▶ HTTP/1 + h2c + gRPC app
+//!  intruder     ─▶ intruder tern           ═mTLS═╣   (policy)          ├─▶ HTTP/1 + h2c + gRPC app
+//!  shop clients ─▶ client-side tern (shop) ═mTLS═╝                     └─▶ shop.demo: fast, slow,
+//!                  (per request: retry ─▶ balance ─▶ breaker)               flaky backends
 //! ```
 //!
 //! Explicit mode gives each client-side listener one target, so the TCP and HTTP clients go
 //! through two client-side proxies with the same identity; in a pod, one proxy does both.
 //!
 //! It pushes traffic through both proxies for `--duration`, then reads each proxy's `/metrics`
-//! over HTTP, exactly as Prometheus would, and prints what they saw.
+//! over HTTP, exactly as Prometheus would, and prints what they saw. Last, the resilience part
+//! ([`faults`]) runs for twice `--duration`: requests to a service with one slow and one flaky
+//! backend, and how they moved between the backends.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -30,6 +34,7 @@ use crate::drain::Drain;
 use crate::tls::SpiffeId;
 use crate::tls::mint::TestCa;
 
+mod faults;
 mod web;
 
 /// Runs the demo and prints its report to stdout.
@@ -42,6 +47,11 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const ECHO_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const INTRUDER_ID: &str = "spiffe://cluster.local/ns/demo/sa/intruder";
+/// The service address of `shop.demo`: discovery maps it to the backends; nothing listens.
+const SHOP_ADDR: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)),
+    9,
+);
 
 async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     println!("tern demo: a meshed echo service on loopback (no root, no iptables)\n");
@@ -52,6 +62,7 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let app = spawn_echo_app().await?;
     let http_app = web::spawn_app().await?;
+    let backends = faults::Backends::spawn().await?;
 
     // The server side: only the client's identity may reach the apps' ports. Mesh streams name
     // their port, and the proxy connects to it on loopback (its own address).
@@ -60,6 +71,11 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         format!("{}={CLIENT_ID}", app.port()).parse()?,
         format!("{}={CLIENT_ID}", http_app.port()).parse()?,
     ];
+    for port in backends.ports() {
+        server_cfg
+            .inbound_policy
+            .push(format!("{port}={CLIENT_ID}").parse()?);
+    }
     let server = Proxy::bind_with_identity(server_cfg, Some(identity(ECHO_ID)?))?;
     let server_addrs = server.addrs()?;
 
@@ -69,8 +85,14 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     std::fs::write(
         &discovery,
         format!(
-            "services:\n  - name: echo.demo\n    endpoints:\n      - address: \"{app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n  - name: web.demo\n    endpoints:\n      - address: \"{http_app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n",
-            port = server_addrs.inbound.port()
+            "services:\n  - name: echo.demo\n    endpoints:\n      - address: \"{app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n  - name: web.demo\n    endpoints:\n      - address: \"{http_app}\"\n        identity: {ECHO_ID}\n        mesh_port: {port}\n{shop}",
+            port = server_addrs.inbound.port(),
+            shop = faults::discovery_entry(
+                &backends,
+                SHOP_ADDR,
+                ECHO_ID,
+                server_addrs.inbound.port()
+            ),
         ),
     )
     .context("writing the demo discovery file")?;
@@ -85,6 +107,8 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let http_addrs = http_client.addrs()?;
     let intruder = client_side(INTRUDER_ID, app)?;
     let intruder_addrs = intruder.addrs()?;
+    let shop_client = client_side(CLIENT_ID, SHOP_ADDR)?;
+    let shop_addrs = shop_client.addrs()?;
     let entry = client_addrs.outbound[0];
 
     println!("  in-memory CA          trust domain {TRUST_DOMAIN}");
@@ -105,10 +129,21 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         http_addrs.outbound[0], http_addrs.admin
     );
     println!("  intruder tern         {INTRUDER_ID}");
+    println!(
+        "  shop backends         fast {}, slow {}, flaky {}  (service {}, address {SHOP_ADDR})",
+        backends.0[0].addr,
+        backends.0[1].addr,
+        backends.0[2].addr,
+        faults::SERVICE
+    );
+    println!(
+        "                        client-side outbound {}  admin http://{}/metrics",
+        shop_addrs.outbound[0], shop_addrs.admin
+    );
     println!("  policy on the apps' ports admits only {CLIENT_ID}\n");
 
     let mut running = Vec::new();
-    for proxy in [server, client, http_client, intruder] {
+    for proxy in [server, client, http_client, intruder, shop_client] {
         let (drain, watch) = Drain::new();
         running.push((drain.clone(), tokio::spawn(proxy.run(drain, watch))));
     }
@@ -146,6 +181,13 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     report_server(&server_addrs).await?;
 
     web::run(http_addrs.outbound[0], http_addrs.admin, args.duration).await?;
+    let shop = faults::run(
+        shop_addrs.outbound[0],
+        shop_addrs.admin,
+        &backends,
+        (args.duration * 2).max(Duration::from_secs(2)),
+    )
+    .await?;
 
     for (drain, _) in &running {
         drain.start();
@@ -155,6 +197,10 @@ async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     }
     println!("all proxies drained and stopped. Next: README.md, \"Run it as a sidecar\".");
     anyhow::ensure!(denied, "the intruder was not refused");
+    anyhow::ensure!(
+        shop.ok * 100 >= (shop.ok + shop.failed) * 99,
+        "the client saw fewer than 99% of shop.demo requests succeed: {shop:?}"
+    );
     Ok(())
 }
 

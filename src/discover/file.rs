@@ -9,6 +9,9 @@
 //!         identity: spiffe://cluster.local/ns/shop/sa/web   # present: meshed, this identity required
 //!         weight: 1                    # optional, default 1
 //!         mesh_port: 4143              # optional, default 4143
+//!     dns: "web.shop.svc:8080"         # optional: the A/AAAA records of a name are endpoints too
+//!                                      # (or {name: "n:port", identity: ..., weight: .., mesh_port: ..}),
+//!                                      # re-resolved on TTL; see `super::dns`
 //!     timeout: 2s                      # optional: request timeout (humantime), else --request-timeout
 //!     retry:                           # optional: retry on these responses (5xx, a status, a gRPC code)
 //!       on: ["5xx", "unavailable"]
@@ -86,6 +89,20 @@ pub enum FileError {
         "discovery file: services[{service}].retry.attempts must be within 1..=10, not {value}"
     )]
     RetryAttempts { service: usize, value: u32 },
+    #[error("discovery file: services[{service}].dns `{value}`: {message}")]
+    Dns {
+        service: usize,
+        value: String,
+        message: String,
+    },
+    #[error("discovery file: services[{service}].dns.identity `{value}`: {message}")]
+    DnsIdentity {
+        service: usize,
+        value: String,
+        message: String,
+    },
+    #[error("discovery file: services[{service}].dns.weight must be at least 1")]
+    DnsWeight { service: usize },
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +122,24 @@ struct ServiceDoc {
     endpoints: Vec<EndpointDoc>,
     timeout: Option<String>,
     retry: Option<RetryDoc>,
+    dns: Option<DnsDoc>,
+}
+
+/// `dns: "name:port"`, or the long form with the identity and weight of every record.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DnsDoc {
+    Name(String),
+    Full(DnsFullDoc),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsFullDoc {
+    name: String,
+    identity: Option<String>,
+    weight: Option<u32>,
+    mesh_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +166,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, FileError> {
         message: e.to_string(),
     })?;
     let mut by_addr = HashMap::new();
+    let mut dns_services = Vec::new();
     for (si, svc) in doc.services.iter().enumerate() {
         if svc.name.trim().is_empty() {
             return Err(FileError::Name { service: si });
@@ -161,6 +197,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, FileError> {
             });
         }
         let policy = Arc::new(policy(si, svc)?);
+        if let Some(doc) = &svc.dns {
+            dns_services.push(super::dns::DnsService {
+                name: svc.name.clone(),
+                addresses: svc.addresses.clone(),
+                endpoints: endpoints.clone(),
+                policy: policy.clone(),
+                dns: dns_target(si, doc)?,
+            });
+        }
         for ep in &endpoints {
             by_addr.insert(
                 ep.addr,
@@ -183,7 +228,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, FileError> {
             );
         }
     }
-    Ok(Snapshot { by_addr })
+    Ok(Snapshot {
+        by_addr,
+        dns: dns_services,
+    })
+}
+
+fn dns_target(si: usize, doc: &DnsDoc) -> Result<super::dns::DnsTarget, FileError> {
+    let (name, identity, weight, mesh_port) = match doc {
+        DnsDoc::Name(n) => (n, None, None, None),
+        DnsDoc::Full(f) => (&f.name, f.identity.as_ref(), f.weight, f.mesh_port),
+    };
+    let parsed = name.parse().map_err(|message: &str| FileError::Dns {
+        service: si,
+        value: name.clone(),
+        message: message.to_owned(),
+    })?;
+    let identity = match identity {
+        None => None,
+        Some(v) => Some(v.parse::<SpiffeId>().map_err(|e| FileError::DnsIdentity {
+            service: si,
+            value: v.clone(),
+            message: e.to_string(),
+        })?),
+    };
+    let weight = weight.unwrap_or(1);
+    if weight == 0 {
+        return Err(FileError::DnsWeight { service: si });
+    }
+    Ok(super::dns::DnsTarget {
+        name: parsed,
+        identity,
+        weight,
+        mesh_port: mesh_port.unwrap_or(DEFAULT_MESH_PORT),
+    })
 }
 
 fn policy(si: usize, svc: &ServiceDoc) -> Result<ServicePolicy, FileError> {

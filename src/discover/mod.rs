@@ -1,6 +1,7 @@
 //! Discovery: which endpoints back a destination, and what identity each has.
 //!
-//! Sources sit behind [`Discovery`]: the YAML **file** source ([`file`]), hot-reloaded, and the
+//! Sources sit behind [`Discovery`]: the YAML **file** source ([`file`]), hot-reloaded, whose
+//! services may take their endpoints from **DNS** records ([`dns`], re-resolved on TTL), and the
 //! **Kubernetes** source ([`kube`]): Services and EndpointSlices watched through the API server,
 //! lazily, per destination. A destination that no source knows resolves to `None`, and the
 //! caller forwards it to its original address (probing the mesh port first when it is in the
@@ -18,14 +19,15 @@
 //!   starting watches: the per-request path (the balancer's endpoint source) uses it.
 //!
 //! Metrics: `tern_discovery_reloads_total`, `tern_discovery_reload_failures_total`,
-//! `tern_discovery_addresses` (see [`file::FileMetrics`]); the Kubernetes source's in
-//! [`kube::KubeMetrics`].
+//! `tern_discovery_addresses` (see [`file::FileMetrics`]); `tern_dns_*` (see
+//! [`dns::DnsMetrics`]); the Kubernetes source's in [`kube::KubeMetrics`].
 
+pub mod dns;
 pub mod file;
 pub mod kube;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -132,6 +134,8 @@ impl std::str::FromStr for RetryOn {
 pub struct Snapshot {
     /// Service address (VIP:port) or endpoint address → resolution.
     by_addr: std::collections::HashMap<SocketAddr, Resolved>,
+    /// Services whose endpoints come (partly) from DNS: [`Discovery`] adds their records.
+    dns: Vec<dns::DnsService>,
 }
 
 impl Snapshot {
@@ -167,14 +171,19 @@ pub struct Discovery {
     current: Arc<watch::Sender<Arc<Snapshot>>>,
     /// The Kubernetes source, when on.
     kube: Option<kube::KubeDiscovery>,
+    /// The snapshot as the file gave it and the DNS records added to it; `current` is their
+    /// composition.
+    dns: Arc<Mutex<dns::Overlay>>,
 }
 
 impl Discovery {
     /// A discovery of one fixed or file-fed snapshot.
     pub fn new(snapshot: Snapshot) -> Self {
+        let overlay = dns::Overlay::new(snapshot);
         Discovery {
-            current: Arc::new(watch::Sender::new(Arc::new(snapshot))),
+            current: Arc::new(watch::Sender::new(overlay.compose())),
             kube: None,
+            dns: Arc::new(Mutex::new(overlay)),
         }
     }
 
@@ -246,7 +255,28 @@ impl Discovery {
     }
 
     pub(crate) fn replace(&self, snapshot: Snapshot) {
-        self.current.send_replace(Arc::new(snapshot));
+        let mut overlay = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        overlay.set_base(snapshot);
+        self.current.send_replace(overlay.compose());
+    }
+
+    /// The DNS names the current snapshot takes endpoints from.
+    pub fn dns_names(&self) -> Vec<dns::DnsName> {
+        self.dns.lock().unwrap_or_else(|p| p.into_inner()).names()
+    }
+
+    /// New records for `name`; true when they changed the snapshot.
+    pub(crate) fn set_dns_records(
+        &self,
+        name: &dns::DnsName,
+        ips: Arc<[std::net::IpAddr]>,
+    ) -> bool {
+        let mut overlay = self.dns.lock().unwrap_or_else(|p| p.into_inner());
+        if !overlay.set_records(name, ips) {
+            return false;
+        }
+        self.current.send_replace(overlay.compose());
+        true
     }
 }
 

@@ -78,7 +78,7 @@ impl Tried {
             .contains(&addr)
     }
 
-    fn push(&self, addr: SocketAddr) {
+    pub fn push(&self, addr: SocketAddr) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
     }
 
@@ -147,6 +147,39 @@ impl EndpointState {
     }
 }
 
+/// An open TCP connection to an endpoint (opaque TCP is balanced per connection): counted as
+/// load (like a pending request) until dropped. Its latency sample is the connect time, fed
+/// with [`OpenConnection::connected`]; a failed connect feeds a penalty instead
+/// ([`OpenConnection::failed`]), since a refusal comes back fast and would otherwise make a dead
+/// endpoint look like the fastest one.
+#[derive(Debug)]
+pub struct OpenConnection {
+    endpoint: Arc<EndpointState>,
+}
+
+impl OpenConnection {
+    pub fn new(endpoint: Arc<EndpointState>) -> Self {
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        OpenConnection { endpoint }
+    }
+
+    /// The connection is established after `latency`.
+    pub fn connected(&self, latency: Duration) {
+        self.endpoint.observe(latency, Instant::now());
+    }
+
+    /// Connecting failed: the endpoint's estimate jumps to `penalty` (the connect timeout).
+    pub fn failed(&self, penalty: Duration) {
+        self.endpoint.observe(penalty, Instant::now());
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a request as pending on its endpoint until dropped, then feeds its latency.
 struct InFlight {
     endpoint: Arc<EndpointState>,
@@ -212,6 +245,9 @@ pub struct Balancer {
     source: EndpointSource,
     set: Mutex<Set>,
     gauges: [Gauge; 3],
+    /// Where an ejected endpoint's move to `probing` is counted (the other transitions are
+    /// counted where outcomes are recorded).
+    transitions: Option<super::breaker::BreakerMetrics>,
 }
 
 struct Set {
@@ -257,7 +293,14 @@ impl Balancer {
                 rng: seed | 1,
             }),
             gauges,
+            transitions: None,
         }
+    }
+
+    /// Counts the `probing` transitions of this balancer's endpoints in `metrics`.
+    pub fn with_transitions(mut self, metrics: super::breaker::BreakerMetrics) -> Self {
+        self.transitions = Some(metrics);
+        self
     }
 
     pub fn service(&self) -> &Arc<str> {
@@ -314,9 +357,12 @@ impl Balancer {
         } else {
             available[a].clone()
         };
-        if chosen.breaker().on_pick(now).is_some() {
+        if let Some(state) = chosen.breaker().on_pick(now) {
             self.gauges[1].inc();
             self.gauges[2].dec();
+            if let Some(m) = &self.transitions {
+                m.transition(&self.service, chosen.endpoint.addr, state);
+            }
         }
         Ok(chosen)
     }

@@ -6,6 +6,7 @@
 //!           a discovery service address: per request timeout ─▶ retry ─▶ balance ─▶ breaker
 //!                                        ─▶ endpoint (mesh or plain), see `http`
 //!           anything else    ─▶ one tunnel or one plain connection, bytes copied both ways
+//!                              (to a service address: endpoint picked per connection, `tcp`)
 //!   route: discovery knows it ─▶ endpoint with identity ─▶ mesh tunnel (mTLS, exact identity)
 //!                              └▶ endpoint without identity ─▶ plain
 //!          unknown, in --cluster-networks ─▶ probe <ip>:4143 ─▶ meshed ─▶ mesh tunnel (trust domain)
@@ -48,6 +49,7 @@ use crate::transport::copy::copy_bidirectional;
 use crate::transport::prefixed::PrefixedIo;
 
 pub mod http;
+pub mod tcp;
 
 /// Metrics of the outbound pipeline beyond TCP.
 #[derive(Debug, Clone)]
@@ -79,8 +81,9 @@ pub struct Outbound {
     pub own_ports: Vec<u16>,
     /// Destinations whose mesh port recently did not answer, and until when to believe it.
     not_meshed: Mutex<HashMap<IpAddr, Instant>>,
-    /// Round-robin cursor over a service's endpoints, for TCP connections (HTTP requests to a
-    /// service are balanced per request).
+    /// Round-robin cursor over a service's endpoints: the connection's provisional target
+    /// (HTTP requests to a service are balanced per request, opaque connections per
+    /// connection in `tcp`).
     next: AtomicUsize,
     /// Per discovery service: its balancer (endpoint load and breakers) and retry budget,
     /// shared by every connection to it. Bounded by the services discovery knows.
@@ -206,7 +209,11 @@ impl Outbound {
                 return;
             }
         };
-        Box::pin(self.serve_tcp(io, routed.target, started)).await;
+        match &routed.balanced {
+            // A service address: the endpoint is picked per connection (see `tcp`).
+            Some(dst) => Box::pin(self.serve_tcp_balanced(io, dst, started)).await,
+            None => Box::pin(self.serve_tcp(io, routed.target, started)).await,
+        }
     }
 
     async fn serve_tcp(&self, mut io: PrefixedIo<TcpStream>, target: Target, started: Instant) {
@@ -320,11 +327,10 @@ impl Outbound {
                 .map_or_else(|| Arc::from(Vec::new()), |r| r.endpoints)
         });
         let state = Arc::new(ServiceState {
-            balancer: Arc::new(Balancer::new(
-                Arc::from(dst.name.as_str()),
-                source,
-                &self.metrics.balance,
-            )),
+            balancer: Arc::new(
+                Balancer::new(Arc::from(dst.name.as_str()), source, &self.metrics.balance)
+                    .with_transitions(self.metrics.breaker.clone()),
+            ),
             budget: Arc::new(Budget::default()),
         });
         services.insert(key, state.clone());

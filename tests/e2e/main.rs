@@ -4,6 +4,7 @@
 //!
 //! One integration binary, so the support code compiles once.
 
+mod faults;
 mod http;
 mod init;
 mod mesh;

@@ -2,6 +2,9 @@
 
 python3 grpc_app.py server <host> <port>
 python3 grpc_app.py client <host> <port>   prints one "ok <call>" line per call that behaved
+python3 grpc_app.py load <host> <port> <n> <in-flight>
+    <n> Unary calls over ONE channel (one HTTP/2 connection), <in-flight> at a time; prints
+    "ok <succeeded> failed <failed> p50_ms <p50> p99_ms <p99>"
 
 Service tern.e2e.Test: Unary (echo), ClientStream (count and join), ServerStream (n items),
 Bidi (echo each), NotFound (fails with NOT_FOUND), Big (echoes a 3 MiB message back).
@@ -95,6 +98,47 @@ def client(host, port):
     ch.close()
 
 
+def load(host, port, n, in_flight):
+    import threading
+    import time
+
+    ch = grpc.insecure_channel(f"ipv4:{host}:{port}", options=OPTIONS)
+    unary = ch.unary_unary("/tern.e2e.Test/Unary", request_serializer=same, response_deserializer=same)
+    lock = threading.Lock()
+    latencies, failed = [], [0]
+    slots = threading.Semaphore(in_flight)
+    done = threading.Event()
+    pending = [n]
+
+    def finished(started, fut):
+        ok = fut.exception() is None and fut.result() == b"unary:x"
+        with lock:
+            if ok:
+                latencies.append(time.monotonic() - started)
+            else:
+                failed[0] += 1
+            pending[0] -= 1
+            if pending[0] == 0:
+                done.set()
+        slots.release()
+
+    for _ in range(n):
+        slots.acquire()
+        started = time.monotonic()
+        fut = unary.future(b"x", timeout=TIMEOUT)
+        fut.add_done_callback(lambda f, s=started: finished(s, f))
+    done.wait(TIMEOUT * 4)
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1000 if latencies else float("nan")
+    print("ok %d failed %d p50_ms %.3f p99_ms %.3f" % (len(latencies), failed[0], pct(0.5), pct(0.99)), flush=True)
+    ch.close()
+
+
 if __name__ == "__main__":
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    serve(host, port) if mode == "server" else client(host, port)
+    if mode == "server":
+        serve(host, port)
+    elif mode == "load":
+        load(host, port, int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        client(host, port)
