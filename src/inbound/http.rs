@@ -64,6 +64,7 @@ pub async fn serve_plain(
         client_id: None,
         allowed,
         conn_client,
+        conn_pool: None,
     });
     let conn = inbound
         .tcp
@@ -99,6 +100,7 @@ pub(crate) async fn serve_mesh_tunnel<IO>(
         client_id: mesh.header.clone(),
         allowed: true,
         conn_client,
+        conn_pool: None,
     });
     serve_conn(inbound, io, version, svc, conn, started).await;
 }
@@ -128,12 +130,14 @@ async fn serve_conn<IO, S>(
 }
 
 /// What every request on one mesh connection shares: the verified client identity (also as
-/// the `tern-client-id` value) and the metric handles, made once per connection.
+/// the `tern-client-id` value), the metric handles, made once per connection, and the
+/// connection's own HTTP/1 connections to the app.
 #[derive(Debug)]
 pub struct MeshConn {
     client_id: Arc<PeerId>,
     header: Option<HeaderValue>,
     metrics: HttpMetricsLayer,
+    app_h1: Arc<h::client::ConnPool>,
 }
 
 impl MeshConn {
@@ -152,6 +156,7 @@ impl MeshConn {
             client_id,
             header,
             metrics: HttpMetricsLayer::new(inbound.http.clone(), labels),
+            app_h1: Arc::new(h::client::ConnPool::new(inbound.config.connect_timeout)),
         }
     }
 }
@@ -233,6 +238,7 @@ async fn from_mesh_inner(
         client_id: None,
         allowed: true,
         conn_client: None,
+        conn_pool: (app_version == HttpVersion::H1).then(|| conn.app_h1.clone()),
     });
     // ToApp is always ready; naming the boxed future keeps its Send-ness concrete.
     let fut: ResponseFuture = svc.call(req.map(h::boxed));
@@ -275,6 +281,8 @@ struct ToApp {
     allowed: bool,
     /// A plain HTTP/1 connection's own connection to the app (requests come one at a time).
     conn_client: Option<h::client::ConnClient>,
+    /// A mesh connection's own HTTP/1 connections to the app (requests come concurrently).
+    conn_pool: Option<Arc<h::client::ConnPool>>,
 }
 
 impl Service<Request<BoxBody>> for ToApp {
@@ -341,6 +349,9 @@ impl ToApp {
         h::strip_hop_by_hop(req.headers_mut());
         if let Some(client) = &self.conn_client {
             return Ok(client.request(req).await?.map(h::boxed));
+        }
+        if let Some(pool) = &self.conn_pool {
+            return Ok(pool.request(self.app, req).await?.map(h::boxed));
         }
         if req.uri().authority().is_none() {
             let authority = req
