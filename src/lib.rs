@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Module map (the tree follows the data path):
-//! - [`cli`], [`config`], [`logging`]: the clap tree, the validated config, tracing setup.
+//! - [`cli`], [`config`], [`logging`]: the clap tree, the validated config, tracing setup;
+//!   [`file_watch`]: hot reload of the discovery and routes files.
 //! - [`app`]: binds listeners and runs the accept loops, the admin thread and the drain.
 //! - [`inbound`], [`outbound`]: each direction's pipeline; [`forward`] is the opaque TCP path
 //!   they share.
@@ -31,6 +32,7 @@ pub mod detect;
 pub mod discover;
 pub mod drain;
 pub mod error;
+pub mod file_watch;
 pub mod forward;
 pub mod http;
 pub mod inbound;

@@ -45,6 +45,7 @@ use serde::Deserialize;
 use super::{
     DEFAULT_MESH_PORT, Discovery, Endpoint, Resolved, RetryOn, RetryPolicy, ServicePolicy, Snapshot,
 };
+pub use crate::file_watch::Seen;
 use crate::tls::SpiffeId;
 
 /// Why a discovery file was refused. Each variant names where in the file the problem is.
@@ -317,11 +318,6 @@ fn read_and_parse(path: &Path) -> Result<(Snapshot, Vec<u8>), FileError> {
     Ok((snapshot, text.into_bytes()))
 }
 
-/// What the watcher last saw in the file; [`start`] hands it to [`watch`] so a change made
-/// between the two is not missed.
-#[derive(Debug, Clone)]
-pub struct Seen(Option<Vec<u8>>);
-
 /// Reload counters for the file source.
 #[derive(Debug, Clone, Default)]
 pub struct FileMetrics {
@@ -356,7 +352,7 @@ impl FileMetrics {
 pub fn start(path: &Path, metrics: &FileMetrics) -> Result<(Discovery, Seen), FileError> {
     let (snapshot, bytes) = read_and_parse(path)?;
     metrics.addresses.set(snapshot.len() as i64);
-    Ok((Discovery::new(snapshot), Seen(Some(bytes))))
+    Ok((Discovery::new(snapshot), Seen::new(bytes)))
 }
 
 /// Polls the file every `interval` and swaps in valid new contents. Runs until dropped.
@@ -367,16 +363,8 @@ pub async fn watch(
     metrics: FileMetrics,
     seen: Seen,
 ) {
-    let mut last = seen.0;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = std::fs::read(&path).ok();
-        if now == last {
-            continue;
-        }
-        let result = match &now {
+    crate::file_watch::poll(&path, interval, seen, |now| {
+        let result = match now {
             None => Err(FileError::Read {
                 path: path.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "file disappeared"),
@@ -395,8 +383,8 @@ pub async fn watch(
                 metrics.failures.inc();
             }
         }
-        last = now;
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{RouteError, RouteStore, parse_yaml};
+pub use crate::file_watch::Seen;
 
 /// The source name of routes read from the file.
 pub const SOURCE: &str = "file";
@@ -34,10 +35,6 @@ pub enum RoutesFileError {
     },
 }
 
-/// What the watcher last read; [`start`] hands it to [`watch`] so no change is missed.
-#[derive(Debug, Clone)]
-pub struct Seen(Option<Vec<u8>>);
-
 /// Loads the file once into `store`. Invalid documents are refused (logged, counted) without
 /// failing start-up; an unreadable or non-YAML file fails it.
 pub fn start(path: &Path, store: &RouteStore) -> Result<Seen, RoutesFileError> {
@@ -57,21 +54,13 @@ pub fn start(path: &Path, store: &RouteStore) -> Result<Seen, RoutesFileError> {
         refused = refused.len(),
         "routes file loaded"
     );
-    Ok(Seen(Some(bytes)))
+    Ok(Seen::new(bytes))
 }
 
 /// Polls the file every `interval` and applies changes. Runs until dropped.
 pub async fn watch(path: PathBuf, store: RouteStore, interval: Duration, seen: Seen) {
-    let mut last = seen.0;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let now = std::fs::read(&path).ok();
-        if now == last {
-            continue;
-        }
-        let parsed = match &now {
+    crate::file_watch::poll(&path, interval, seen, |now| {
+        let parsed = match now {
             None => Err(RouteError {
                 kind: String::new(),
                 namespace: String::new(),
@@ -93,8 +82,8 @@ pub async fn watch(path: PathBuf, store: RouteStore, interval: Duration, seen: S
             }
             Err(e) => store.reject(&e),
         }
-        last = now;
-    }
+    })
+    .await
 }
 
 #[cfg(test)]
