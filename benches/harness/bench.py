@@ -120,6 +120,7 @@ TOOLS = {
     "nginx": find_tool("nginx", ["/usr/sbin/nginx"]),
     "envoy": envoy_bin(),
     "strace": find_tool("strace"),
+    "perf": find_tool("perf"),
 }
 NGINX_STREAM = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -619,6 +620,36 @@ def strace_count(pids: dict, fn) -> tuple[dict, dict]:
     return calls, res
 
 
+PERF_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait"]
+
+
+def perf_syscalls(pids: dict, fn) -> tuple[dict, dict, dict]:
+    """Counts every proxy's syscalls while fn runs with `perf stat -e raw_syscalls:sys_enter -p PID`
+    (a tracepoint counter: unlike strace it does not slow the process, so it works at saturation
+    too). Returns (all syscalls per role, epoll waits per role, fn's result)."""
+    tr = {}
+    for k, p in pids.items():
+        out = WORK / f"perf-{k}.txt"
+        tr[k] = (subprocess.Popen([TOOLS["perf"], "stat", "-x", ",", "-o", str(out),
+                                   "-e", ",".join(PERF_EVENTS), "-p", str(p.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out)
+    time.sleep(0.5)
+    res = fn()
+    calls, waits = {}, {}
+    for k, (sp, out) in tr.items():
+        sp.send_signal(signal.SIGINT)
+        sp.wait(10)
+        calls[k], waits[k] = 0, 0
+        for line in out.read_text().splitlines():
+            f = line.split(",")
+            if len(f) >= 3 and f[0].strip().isdigit():
+                if f[2] == "raw_syscalls:sys_enter":
+                    calls[k] = int(f[0])
+                elif f[2].startswith("syscalls:sys_enter_epoll"):
+                    waits[k] += int(f[0])
+    return calls, waits, res
+
+
 def hold_client_cmd(host, port, n):
     return ["python3", str(HARNESS / "hold.py"), "client", host, str(port), str(n)]
 
@@ -652,6 +683,15 @@ def run_protocol(rec, rep, proto, sc: Scenario, extras: bool, warm=False):
                     measure(rec, rep, proto, sc, "rate2000-c100",
                             lambda: oha_rate(host, port, 2000, 100, d))
             measure(rec, rep, proto, sc, "sat", lambda: wrk_sat(host, port, CONNS, d), record=not warm)
+            if extras and sc.procs and TOOLS["perf"]:
+                loads = [("perf1k", lambda: oha_rate(host, port, 1000, CONNS, 3))] if TOOLS["oha"] else []
+                loads.append(("perfsat", lambda: wrk_sat(host, port, CONNS, 3)))
+                for test, load in loads:
+                    calls, waits, res = perf_syscalls(sc.procs, load)
+                    for k, c in calls.items():
+                        if res["requests"] and c:
+                            rec.add(rep, proto, sc.name, test, "syscalls_per_req", k, c / res["requests"])
+                            rec.add(rep, proto, sc.name, test, "epoll_per_req", k, waits[k] / res["requests"])
             if extras and sc.procs and TOOLS["strace"]:
                 if TOOLS["oha"]:
                     calls, res = strace_count(sc.procs, lambda: oha_rate(host, port, 1000, CONNS, 3))

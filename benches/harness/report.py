@@ -182,6 +182,22 @@ def render(rows, meta) -> str:
             if v:
                 L.append(f"| {sc} | {ROLE_NAMES[role]} | {fmt(v, 2)} |")
     L.append("")
+    if any(k[2] in ("perf1k", "perfsat") for k in d):
+        L.append("Counted without slowing the proxy (`perf stat -e raw_syscalls:sys_enter -p PID`, 3 s runs): "
+                 "at 1k rps (oha, open loop) and at saturation (wrk); *epoll* = `epoll_wait` calls, the "
+                 "wake-ups. Load batches several events into one wake-up, so the count per request falls.\n")
+        L.append("| scenario | proxy | 1k rps: syscalls / epoll per request | saturation: syscalls / epoll per request |")
+        L.append("|---|---|---|---|")
+        for sc in scenarios:
+            for role in roles_of(d, sc):
+                cells = []
+                for test in ("perf1k", "perfsat"):
+                    v = d.get(("http1", sc, test, "syscalls_per_req", role))
+                    e = d.get(("http1", sc, test, "epoll_per_req", role))
+                    cells.append(f"{fmt(v, 2)} / {fmt(e, 2)}" if v else "–")
+                if any(c != "–" for c in cells):
+                    L.append(f"| {sc} | {ROLE_NAMES[role]} | " + " | ".join(cells) + " |")
+        L.append("")
 
     # ---- errors
     L.append("## Errors (sum over all runs)\n")
