@@ -64,14 +64,20 @@ impl<IO> H1Guard<IO> {
             match self.state {
                 State::Passthrough => return,
                 State::Head => {
-                    let b = data[i];
-                    self.head.push(b);
-                    i += 1;
-                    if b != b'\n' {
+                    // A line at a time: the bytes up to the next line feed are copied whole.
+                    let rest = &data[i..];
+                    let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+                        self.head.extend_from_slice(rest);
                         if self.head.len() > self.limits.max_head_bytes {
                             self.stop();
                         }
-                        continue;
+                        return;
+                    };
+                    self.head.extend_from_slice(&rest[..=nl]);
+                    i += nl + 1;
+                    if self.head.len() - 1 > self.limits.max_head_bytes {
+                        self.stop();
+                        return;
                     }
                     // Empty lines before a request line are skipped by parsers.
                     if self.head == b"\n" || self.head == b"\r\n" {
@@ -169,6 +175,11 @@ impl<IO> H1Guard<IO> {
     /// Parses the complete head in `self.head` and picks the next state. `Some(true)`: the
     /// head is ambiguous and must be refused.
     fn end_of_head(&mut self) -> Option<bool> {
+        if plain_head(&self.head, self.limits.max_headers) {
+            self.head.clear();
+            self.state = State::Head;
+            return Some(false);
+        }
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
         let parsed = req.parse(&self.head);
@@ -231,6 +242,67 @@ impl<IO> H1Guard<IO> {
         }
         Some(false)
     }
+}
+
+/// Whether a complete head certainly has no framing to follow: no `CONNECT`, at most
+/// `max_headers` header lines, none of them (or a continuation of one) `Content-Length`,
+/// `Transfer-Encoding` or `Upgrade`. Such a head (the usual `GET`) is followed by the next head,
+/// as a full parse would find; anything else is parsed in full. A head this scan calls plain
+/// that hyper's parser rejects ends the connection anyway.
+fn plain_head(head: &[u8], max_headers: usize) -> bool {
+    /// Whether `line` starts with the header name `name` (lower case) followed by `:` or
+    /// whitespace (a name merely beginning with it, like `Upgrade-Insecure-Requests`, differs).
+    fn names(line: &[u8], name: &[u8]) -> bool {
+        line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && matches!(line[name.len()], b':' | b' ' | b'\t')
+    }
+    let mut lines = head.split(|b| *b == b'\n');
+    let Some(request_line) = lines.next() else {
+        return false;
+    };
+    if request_line.len() >= 7 && request_line[..7].eq_ignore_ascii_case(b"CONNECT") {
+        return false;
+    }
+    let mut count = 0;
+    for line in lines {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(first) = line.first() else {
+            continue;
+        };
+        count += 1;
+        if count > max_headers {
+            return false;
+        }
+        let framing = match first.to_ascii_lowercase() {
+            b'c' => names(line, b"content-length"),
+            b't' => names(line, b"transfer-encoding"),
+            b'u' => names(line, b"upgrade"),
+            b if b.is_ascii_alphanumeric() => false,
+            // Whitespace (a folded line) or anything unusual: let the parser decide.
+            _ => !matches!(
+                first,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            ),
+        };
+        if framing {
+            return false;
+        }
+    }
+    true
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for H1Guard<IO> {
@@ -334,5 +406,29 @@ mod tests {
             assert_eq!(diff, vec![end], "step {step}");
             assert_eq!(out[end], 0);
         }
+    }
+
+    #[test]
+    fn only_heads_without_framing_skip_the_full_parse() {
+        let plain: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade-Insecure-Requests: 1\r\nContent-Type: x\r\n\r\n",
+            b"GET / HTTP/1.1\nhost: a\nx-content-length: 5\n\n",
+        ];
+        for head in plain {
+            assert!(plain_head(head, 100), "{}", String::from_utf8_lossy(head));
+        }
+        let framed: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade:\twebsocket\r\n\r\n",
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        ];
+        for head in framed {
+            assert!(!plain_head(head, 100), "{}", String::from_utf8_lossy(head));
+        }
+        // Over the header count: the full parse counts it.
+        assert!(!plain_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 1));
+        assert!(plain_head(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\n\r\n", 2));
     }
 }

@@ -212,29 +212,31 @@ impl ServerLimits {
 #[error("request body idle for more than {0:?}")]
 pub struct BodyIdleTimeout(pub Duration);
 
-/// A body that fails with [`BodyIdleTimeout`] when no frame arrives for `timeout`.
-pub struct IdleTimeoutBody<B> {
+/// A body that fails with [`BodyIdleTimeout`] when no frame arrives for `timeout`, calling
+/// `on_timeout` then (held inline: no allocation per request).
+pub struct IdleTimeoutBody<B, F> {
     inner: B,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    on_timeout: Option<Box<dyn FnOnce() + Send>>,
+    on_timeout: Option<F>,
 }
 
-impl<B> IdleTimeoutBody<B> {
-    pub fn new(inner: B, timeout: Duration, on_timeout: impl FnOnce() + Send + 'static) -> Self {
+impl<B, F: FnOnce() + Send + Unpin> IdleTimeoutBody<B, F> {
+    pub fn new(inner: B, timeout: Duration, on_timeout: F) -> Self {
         IdleTimeoutBody {
             inner,
             timeout,
             sleep: None,
-            on_timeout: Some(Box::new(on_timeout)),
+            on_timeout: Some(on_timeout),
         }
     }
 }
 
-impl<B> Body for IdleTimeoutBody<B>
+impl<B, F> Body for IdleTimeoutBody<B, F>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    F: FnOnce() + Send + Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;

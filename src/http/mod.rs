@@ -58,21 +58,16 @@ pub fn strip_tern_headers(headers: &mut HeaderMap) {
 }
 
 /// Which fixed hop-by-hop header `name` is, as a bit of [`strip_hop_by_hop`]'s set (0: none).
+/// One string match (length first) per name.
 fn hop_by_hop_bit(name: &HeaderName) -> u8 {
-    if name == header::CONNECTION {
-        1
-    } else if name == header::TRANSFER_ENCODING {
-        2
-    } else if name == header::UPGRADE {
-        4
-    } else if name == header::TE {
-        8
-    } else if name.as_str() == "keep-alive" {
-        16
-    } else if name.as_str() == "proxy-connection" {
-        32
-    } else {
-        0
+    match name.as_str() {
+        "connection" => 1,
+        "transfer-encoding" => 2,
+        "upgrade" => 4,
+        "te" => 8,
+        "keep-alive" => 16,
+        "proxy-connection" => 32,
+        _ => 0,
     }
 }
 
@@ -87,16 +82,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // Options, not header names (a `Keep-Alive` header is removed below anyway).
-            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
-            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-            .collect();
+        // Usually just `keep-alive` or `close`: then nothing is collected (no allocation).
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            for n in v.as_bytes().split(|b| *b == b',') {
+                let n = n.trim_ascii();
+                // Options, not header names (a `Keep-Alive` header is removed below anyway).
+                if n.is_empty()
+                    || n.eq_ignore_ascii_case(b"keep-alive")
+                    || n.eq_ignore_ascii_case(b"close")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(n) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }

@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::BoxBody;
 use super::h1_guard::H1Guard;
@@ -70,11 +71,14 @@ where
 {
     let (active, mut idle) = tokio::sync::watch::channel(0usize);
     let resets = std::sync::Arc::new(Resets::default());
+    // The open-request count and the cancellations only matter to HTTP/2: an HTTP/1 client
+    // has one request at a time and cancels it only by closing the connection.
+    let h2 = version == HttpVersion::H2;
     let hygiene = Hygiene {
         inner: svc,
-        limits: limits.clone(),
-        active: std::sync::Arc::new(active),
-        resets: resets.clone(),
+        limits: std::sync::Arc::new(limits.clone()),
+        active: h2.then(|| std::sync::Arc::new(active)),
+        resets: h2.then(|| resets.clone()),
     };
     let svc = TowerToHyperService::new(hygiene);
     let result = match version {
@@ -196,11 +200,45 @@ fn count_connection_error(e: &hyper::Error, version: HttpVersion, limits: &Serve
 #[derive(Clone)]
 struct Hygiene<S> {
     inner: S,
-    limits: ServerLimits,
-    /// Requests open on this connection (HTTP/2 idle timeout).
-    active: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
-    /// Requests the client cancelled (slow rapid reset).
-    resets: std::sync::Arc<Resets>,
+    /// One allocation per connection: a request clones the `Arc`, not each handle inside.
+    limits: std::sync::Arc<ServerLimits>,
+    /// HTTP/2: requests open on this connection (idle timeout).
+    active: Option<std::sync::Arc<tokio::sync::watch::Sender<usize>>>,
+    /// HTTP/2: requests the client cancelled (slow rapid reset).
+    resets: Option<std::sync::Arc<Resets>>,
+}
+
+/// The response body as served: the proxied body, holding the request's in-flight slot and
+/// open-request count until it is done (a concrete type: no second boxing per response).
+struct HeldBody {
+    inner: BoxBody,
+    _held: Option<(OwnedSemaphorePermit, Option<Open>)>,
+}
+
+impl HeldBody {
+    fn bare(inner: BoxBody) -> Self {
+        HeldBody { inner, _held: None }
+    }
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, super::BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Per connection: requests seen, and those the client cancelled before their response.
@@ -254,62 +292,59 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response<BoxBody>;
+    type Response = Response<HeldBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<HeldBody>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let limits = self.limits.clone();
+        let ready = |r: Response<BoxBody>| -> Self::Future {
+            Box::pin(std::future::ready(Ok(r.map(HeldBody::bare))))
+        };
+        let limits = &self.limits;
         let grpc = super::is_grpc(req.headers());
         if self
             .resets
-            .tripped
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .as_ref()
+            .is_some_and(|r| r.tripped.load(std::sync::atomic::Ordering::Relaxed))
         {
-            return Box::pin(std::future::ready(Ok(rescue::response(
-                ProxyError::overloaded,
-                grpc,
-            ))));
+            return ready(rescue::response(ProxyError::overloaded, grpc));
         }
-        if let Err((status, why)) = check(&mut req, &limits) {
-            return Box::pin(std::future::ready(Ok(refusal(status, why))));
+        if let Err((status, why)) = check(&mut req, limits) {
+            return ready(refusal(status, why));
         }
         let Some(permit) = limits.admit() else {
             tracing::debug!("request shed: --max-in-flight-requests reached");
-            return Box::pin(std::future::ready(Ok(rescue::response(
-                ProxyError::overloaded,
-                grpc,
-            ))));
+            return ready(rescue::response(ProxyError::overloaded, grpc));
         };
-        self.active.send_modify(|n| *n += 1);
-        let open = Open(self.active.clone());
-        let timeout = limits.body_idle_timeout;
-        let req = req.map(|body| {
-            let on_timeout = move || limits.exceeded(Limit::body_idle_timeout);
-            IdleTimeoutBody::new(body, timeout, on_timeout).boxed_unsync()
+        let open = self.active.as_ref().map(|active| {
+            active.send_modify(|n| *n += 1);
+            Open(active.clone())
         });
+        let timeout = limits.body_idle_timeout;
+        let on_timeout = {
+            let limits = limits.clone();
+            move || limits.exceeded(Limit::body_idle_timeout)
+        };
+        let req = req.map(|body| IdleTimeoutBody::new(body, timeout, on_timeout).boxed_unsync());
         let mut inner = self.inner.clone();
         // The slot and the open count are held until the response body is done. Combinators,
         // not an async block: rustc cannot prove such a block `Send` for every lifetime of the
         // boxed error inside `BoxBody`.
         let held = (permit, open);
-        self.resets
-            .total
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let armed = Armed(Some(self.resets.clone()));
+        let armed = Armed(self.resets.as_ref().map(|r| {
+            r.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            r.clone()
+        }));
         Box::pin(futures_util::FutureExt::map(inner.call(req), move |r| {
             armed.disarm();
             r.map(move |resp| {
-                resp.map(move |body| {
-                    body.map_frame(move |f| {
-                        let _ = &held;
-                        f
-                    })
-                    .boxed_unsync()
+                resp.map(move |inner| HeldBody {
+                    inner,
+                    _held: Some(held),
                 })
             })
         }))

@@ -298,7 +298,8 @@ where
                 .and_then(|v| v.to_str().ok())
                 .map(static_error);
             recorder.grpc_status = grpc_status(&parts.headers);
-            let body = crate::http::boxed(RecordBody {
+            // Its error is already `BoxError`: boxed as is, without a `map_err` layer.
+            let body = http_body_util::BodyExt::boxed_unsync(RecordBody {
                 inner: body,
                 recorder: Some(recorder),
             });
@@ -335,9 +336,12 @@ fn static_error(v: &str) -> &'static str {
     .unwrap_or("other")
 }
 
+/// `grpc-status` as a name: looked up without parsing the string each time.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(headers: &HeaderMap) -> Option<String> {
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }
