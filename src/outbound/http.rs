@@ -449,8 +449,15 @@ async fn send(
         match target {
             Target::Plain(dst) => {
                 absolute_uri(&mut req, *dst)?;
-                let client = outbound.upstreams.client(*dst, version);
-                let resp = client.request(req).await?;
+                let resp = if version == HttpVersion::H2 {
+                    outbound.upstreams.h2().request(*dst, req).await?
+                } else {
+                    outbound
+                        .upstreams
+                        .client(*dst, version)
+                        .request(req)
+                        .await?
+                };
                 Ok(resp.map(h::boxed))
             }
             Target::Mesh {
