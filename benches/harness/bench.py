@@ -10,6 +10,9 @@ Scenarios (interleaved A B A B ... per repetition, after a warm-up):
   tern-pair     tern in both pods, transparent (iptables REDIRECT, SO_ORIGINAL_DST), uid 2102.
   haproxy-pair  Debian haproxy in both pods in the same position; `server orig 0.0.0.0` makes it
                 connect to the SO_ORIGINAL_DST address (haproxy built with +NETFILTER/+TPROXY).
+  haproxy-http-pair
+                the same in HTTP mode: HTTP/1 for http1 and churn, HTTP/2 on both sides for h2c
+                (`proto h2` on the binds and the server), so both proxies parse HTTP as tern does.
   hop-tern / hop-haproxy / hop-nginx / hop-envoy
                 one proxy in front of the app in bench-b, explicit mode (listen on port+10000,
                 forward to 127.0.0.1:port), no iptables. All in opaque TCP mode (nginx `stream`,
@@ -273,7 +276,12 @@ def iptables_off():
 # proxy configs
 
 
-def haproxy_cfg(binds: list[str], server: str, mode: str = "tcp") -> str:
+def haproxy_cfg(binds: list[str], server: str, mode: str = "tcp", h2: bool = False) -> str:
+    # h2 (HTTP mode only): HTTP/2 with prior knowledge on both sides (`proto h2` on the binds and
+    # the server), for the h2c protocol: HAProxy then parses HTTP/2 on both proxies, as tern does.
+    if h2:
+        binds = [f"{b} proto h2" for b in binds]
+        server = f"{server} proto h2"
     fe = "\n".join(
         f"frontend f{i}\n  bind {b}\n  default_backend b" for i, b in enumerate(binds)
     )
@@ -399,9 +407,10 @@ class Scenario:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def supports(self, proto: str) -> bool:
-        # HAProxy in HTTP mode parses HTTP/1 on every port: no h2c (prior knowledge), bulk or
-        # raw-TCP hold through it.
-        return not (self.base == "haproxy" and self.variant == "http" and proto not in ("http1", "churn"))
+        # HAProxy in HTTP mode parses HTTP on every port: HTTP/1 (http1, churn), or HTTP/2 with
+        # prior knowledge for h2c (`proto h2`); no bulk or raw-TCP hold through it.
+        return not (self.base == "haproxy" and self.variant == "http"
+                    and proto not in ("http1", "churn", "h2c"))
 
     def available(self) -> str | None:
         need = {"tern": None, "haproxy": "haproxy", "nginx": "nginx", "envoy": "envoy"}.get(self.base)
@@ -422,7 +431,7 @@ class Scenario:
         if self.kind == "pair":
             iptables_on()
             for role, ns in (("out", NS_A), ("in", NS_B)):
-                p = self._spawn_proxy(ns, role, transparent=True)
+                p = self._spawn_proxy(ns, role, transparent=True, target=oport)
                 self.procs[role] = p
             self.pods.wait_port(NS_A, 4140, self.procs["out"])
             self.pods.wait_port(NS_B, 4143, self.procs["in"])
@@ -465,8 +474,11 @@ class Scenario:
             elif transparent:
                 # 0.0.0.0 without a port: connect to the connection's original destination
                 # (haproxy reads SO_ORIGINAL_DST for IPv4 when built with NETFILTER/TPROXY).
+                # In HTTP mode the h2c run speaks HTTP/2 on both sides (`target` is the origin port).
+                http = self.variant == "http"
                 cfg.write_text(haproxy_cfg(["127.0.0.1:4140", ":4143"], "0.0.0.0",
-                                           mode="http" if self.variant == "http" else "tcp"))
+                                           mode="http" if http else "tcp",
+                                           h2=http and target == PORTS["h2c"]))
             else:
                 cfg.write_text(haproxy_cfg([f":{listen}"], f"127.0.0.1:{target}"))
             cmd = [TOOLS["haproxy"], "-db", "-f", str(cfg)]

@@ -69,8 +69,8 @@ def render(rows, meta) -> str:
     L.append("- Load generator pinned to core 0; origin and proxies pinned to core 1; every proxy single-threaded. "
              "Figures: median over repetitions, [min–max] when more than one.")
     L.append("- tern parses HTTP (hyper) on both proxies of a pair; `haproxy-pair` is HAProxy in TCP mode "
-             "(bytes), `haproxy-http-pair` HAProxy in HTTP mode (parses HTTP/1; only the http1 and churn "
-             "protocols run through it), `*-mtls-pair` adds mutual TLS between the pods (tern: its HTTP/2 "
+             "(bytes), `haproxy-http-pair` HAProxy in HTTP mode (parses HTTP/1 for http1 and churn, HTTP/2 "
+             "with prior knowledge on both sides for h2c (`proto h2`); bulk and hold do not run through it), `*-mtls-pair` adds mutual TLS between the pods (tern: its HTTP/2 "
              "mesh wire with pooled connections; HAProxy: a TLS connection per client connection, TCP mode). "
              "The single-hop proxies run in TCP mode.")
     if failed:

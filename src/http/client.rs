@@ -71,6 +71,8 @@ pub type UpstreamClient = Client<FixedConnector, BoxBody>;
 pub struct Upstreams {
     connect_timeout: Duration,
     clients: Mutex<HashMap<(SocketAddr, HttpVersion), UpstreamClient>>,
+    /// HTTP/2 (h2c) upstreams: one connection per address, without the pooled client.
+    h2: super::h2_upstream::H2Upstreams,
 }
 
 impl Upstreams {
@@ -78,7 +80,13 @@ impl Upstreams {
         Upstreams {
             connect_timeout,
             clients: Mutex::new(HashMap::new()),
+            h2: super::h2_upstream::H2Upstreams::new(connect_timeout),
         }
+    }
+
+    /// The HTTP/2 (h2c) upstream connections.
+    pub fn h2(&self) -> &super::h2_upstream::H2Upstreams {
+        &self.h2
     }
 
     /// The client for `addr` speaking `version` (HTTP/2 is prior-knowledge h2c).

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod h1_guard;
+pub mod h2_upstream;
 pub mod limits;
 pub mod rescue;
 pub mod server;

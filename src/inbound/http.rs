@@ -371,6 +371,10 @@ impl ToApp {
                 .path_and_query(path)
                 .build()?;
         }
+        if self.version == HttpVersion::H2 {
+            let resp = self.inbound.upstreams.h2().request(self.app, req).await?;
+            return Ok(resp.map(h::boxed));
+        }
         let client = self.inbound.upstreams.client(self.app, self.version);
         Ok(client.request(req).await?.map(h::boxed))
     }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use tokio::net::TcpStream;
 use tower::util::BoxCloneSyncService;
@@ -107,7 +108,7 @@ pub async fn serve(
         _ => None,
     };
     let mesh_sender = match (&routed.target, &stack) {
-        (Target::Mesh { .. }, None) => Some(MeshSender::default()),
+        (Target::Mesh { target, .. }, None) => Some(MeshSender::new(*target)),
         _ => None,
     };
     let svc = ServiceBuilder::new()
@@ -317,20 +318,31 @@ struct ProxyHttp {
 
 /// A downstream connection's handle on the pooled mesh connection to its (fixed) peer, so a
 /// request skips the pool's lookup (a map keyed by address and expected identity, a lock, and
-/// the clones they take); remade from the pool when that connection closes.
-#[derive(Debug, Clone, Default)]
-struct MeshSender(Arc<std::sync::Mutex<Option<MeshHttp2>>>);
+/// the clones they take); remade from the pool when that connection closes. Also holds the
+/// `tern-target` value of the connection's fixed target, formatted once.
+#[derive(Debug, Clone)]
+struct MeshSender {
+    sender: Arc<std::sync::Mutex<Option<MeshHttp2>>>,
+    target_value: HeaderValue,
+}
 
 type MeshHttp2 = hyper::client::conn::http2::SendRequest<BoxBody>;
 
 impl MeshSender {
+    fn new(target: OrigDstAddr) -> Self {
+        MeshSender {
+            sender: Arc::default(),
+            target_value: h::socket_addr_value(target.0),
+        }
+    }
+
     fn get(&self) -> Option<MeshHttp2> {
-        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
     fn set(&self, sender: MeshHttp2) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     }
 }
 
@@ -449,8 +461,15 @@ async fn send(
         match target {
             Target::Plain(dst) => {
                 absolute_uri(&mut req, *dst)?;
-                let client = outbound.upstreams.client(*dst, version);
-                let resp = client.request(req).await?;
+                let resp = if version == HttpVersion::H2 {
+                    outbound.upstreams.h2().request(*dst, req).await?
+                } else {
+                    outbound
+                        .upstreams
+                        .client(*dst, version)
+                        .request(req)
+                        .await?
+                };
                 Ok(resp.map(h::boxed))
             }
             Target::Mesh {
@@ -461,7 +480,8 @@ async fn send(
                 let Some(mesh) = &outbound.mesh else {
                     return Ok(rescue::response(ProxyError::tls_error, false));
                 };
-                to_mesh(&mut req, *target, version, orig_version)?;
+                let target_value = h::socket_addr_value(target.0);
+                to_mesh(&mut req, *target, target_value, version, orig_version)?;
                 let resp = mesh
                     .send(
                         *addr,
@@ -497,7 +517,13 @@ async fn send_held(
         return send(outbound, target, version, req).await;
     };
     let orig_version = req.version();
-    to_mesh(&mut req, *dst, version, orig_version)?;
+    to_mesh(
+        &mut req,
+        *dst,
+        held.target_value.clone(),
+        version,
+        orig_version,
+    )?;
     let mut sender = match held.get() {
         Some(s) => s,
         None => {
@@ -516,16 +542,18 @@ async fn send_held(
 }
 
 /// Turns an app's request into its mesh form: absolute URI, `tern-target`, and for HTTP/1
-/// `tern-orig-proto` instead of `Host`; HTTP/2 on the wire.
+/// `tern-orig-proto` instead of `Host`; HTTP/2 on the wire. `target_value` is `target` as the
+/// `tern-target` value ([`h::socket_addr_value`]).
 fn to_mesh(
     req: &mut Request<BoxBody>,
     target: OrigDstAddr,
+    target_value: HeaderValue,
     version: HttpVersion,
     orig_version: Version,
 ) -> Result<(), BoxError> {
     absolute_uri(req, target)?;
     let headers = req.headers_mut();
-    headers.insert(h::TARGET, h::socket_addr_value(target.0));
+    headers.insert(h::TARGET, target_value);
     if version == HttpVersion::H1 {
         let proto = if orig_version == Version::HTTP_10 {
             "HTTP/1.0"
@@ -546,21 +574,19 @@ fn absolute_uri(req: &mut Request<BoxBody>, dst: OrigDstAddr) -> Result<(), BoxE
     if req.uri().authority().is_some() && req.uri().scheme().is_some() {
         return Ok(());
     }
+    // The request's own path is kept as parsed (no copy, no second parse); only the
+    // authority is made, from `Host`'s bytes (validated as an authority) or the destination.
     let authority = match req.headers().get(header::HOST) {
-        Some(host) => host.to_str()?.to_owned(),
-        None => dst.0.to_string(),
+        Some(host) => Authority::try_from(host.as_bytes())?,
+        None => Authority::try_from(dst.0.to_string())?,
     };
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    *req.uri_mut() = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts)?;
     Ok(())
 }
 
