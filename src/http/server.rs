@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::BoxBody;
+use super::conn_timer::ConnTimer;
 use super::h1_guard::H1Guard;
 use super::limits::{IdleTimeoutBody, Limit, Rejected, ServerLimits};
 use super::rescue::{self, ProxyError};
@@ -85,7 +86,7 @@ where
         HttpVersion::H1 => {
             let io = TokioIo::new(H1Guard::new(io, limits.clone()));
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(ConnTimer::default())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_head_bytes.max(8192))
                 .max_headers(limits.max_headers)

@@ -203,6 +203,81 @@ async fn slowloris_head_is_closed() {
     proxy.stop().await;
 }
 
+/// The head-read deadline is one timer per connection, moved from request to request: after
+/// a request on a keep-alive connection, the next head (trickled) and an idle connection are
+/// bounded just like a first head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_head_and_idle_keep_alive_are_bounded() {
+    let (up_addr, up) = Upstream::start().await;
+    let proxy = Running::start_with(up_addr, |c| {
+        c.header_read_timeout = Duration::from_secs(3);
+    });
+    let benign = Benign::start(proxy.outbound());
+    // Each connection: one full request, then a trickled second head (`trickle`) or silence.
+    let one = |trickle: bool| {
+        let entry = proxy.outbound();
+        tokio::spawn(async move {
+            let s = TcpStream::connect(entry).await.expect("connect");
+            let (mut rd, mut wr) = s.into_split();
+            wr.write_all(b"GET /first HTTP/1.1\r\nHost: u\r\n\r\n")
+                .await
+                .expect("first request");
+            let first = read_head(&mut rd).await;
+            if trickle {
+                wr.write_all(b"GET /second HTTP/1.1\r\nHost: u\r\n")
+                    .await
+                    .expect("second request line");
+            }
+            // Bounded far beyond the 3 s deadline; not a latency assertion.
+            for i in 0..40 {
+                let mut buf = [0u8; 1024];
+                match tokio::time::timeout(Duration::from_secs(1), rd.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return (first, true),
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+                if trickle
+                    && wr
+                        .write_all(format!("X-Slow-{i}: a\r\n").as_bytes())
+                        .await
+                        .is_err()
+                {
+                    return (first, true);
+                }
+            }
+            (first, false)
+        })
+    };
+    let (trickled, idle) = (one(true), one(false));
+    let (trickled, idle) = (
+        trickled.await.expect("trickle task"),
+        idle.await.expect("idle task"),
+    );
+    let metrics = proxy.metrics().await;
+    benign.finish("keep-alive heads").await;
+    for (case, (first, closed)) in [("trickled", trickled), ("idle", idle)] {
+        assert!(
+            first.starts_with("HTTP/1.1 200"),
+            "{case}: first answer {first:?}"
+        );
+        assert!(closed, "{case}: the connection was never closed");
+    }
+    assert_eq!(up.count("/first"), 2);
+    assert_eq!(
+        up.count("/second"),
+        0,
+        "the trickled head reached the upstream"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "tern_limit_exceeded_total",
+            "limit=\"header_read_timeout\""
+        ) >= 2.0,
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
 // --- request hygiene, upgrades, limits ------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
