@@ -3,7 +3,9 @@
 #   docker build -t ghcr.io/tern-mesh/tern:0.1.0 .
 
 # --- build ---------------------------------------------------------------------------------
-FROM rust:1-bookworm AS build
+# Pinned: benches/harness/tern.order (link-time function ordering, build.rs) names symbols with
+# this rustc's hashes; another toolchain still builds, only without the idle-memory saving.
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 # Reproducible: exactly the versions in Cargo.lock (--locked). The cache mounts keep the
