@@ -8,7 +8,7 @@ python3 $(dirname "$0")/hold.py server 127.0.0.1 19000 & SRV=$!
 sleep 0.5
 $BIN proxy --outbound-addrs 127.0.0.1:19140 --inbound-addr 127.0.0.1:19143 --admin-addr 127.0.0.1:19191 --outbound-target 127.0.0.1:19000 --log warn & P=$!
 sleep 0.5
-rss() { grep VmRSS /proc/$P/status | awk '{print $2/1024 " MiB"}'; }
+rss() { awk '/^(VmRSS|RssAnon|RssFile):/ {printf "%s %.1f  ", $1, $2/1024} END {print "MiB"}' /proc/$P/status; }
 echo "idle: $(rss)"
 coproc HOLD { python3 $(dirname "$0")/hold.py client 127.0.0.1 19140 $N; }
 read -r line <&"${HOLD[0]}"; echo "$line"
