@@ -7,7 +7,7 @@
 //! `TokioTimer` each request then costs an allocation, an insert into and a removal from
 //! tokio's timer wheel, and, whenever the new deadline is the runtime's earliest, a wake-up of
 //! the I/O driver (an `eventfd` write and one more `epoll_wait` round): 0.24 syscalls per
-//! request on a saturated pair (benches/README, "Syscalls per request").
+//! request on a saturated pair (benches/README.md, "Where the CPU goes", the syscall counts).
 //!
 //! [`ConnTimer`] keeps one tokio [`Sleep`](tokio::time::Sleep) per connection and moves its
 //! deadline. Deadlines only move later (`now + timeout`), which tokio does with one atomic
