@@ -203,7 +203,10 @@ impl Proxy {
             tcp: tcp.clone(),
             detect: detect_metrics.clone(),
             http: http_metrics.clone(),
-            upstreams: crate::http::client::Upstreams::new(config.connect_timeout),
+            upstreams: crate::http::client::Upstreams::new(
+                config.connect_timeout,
+                config.http1_header_case,
+            ),
             mesh: mesh_metrics.clone(),
             policy,
             identity: identity.clone(),

@@ -148,6 +148,7 @@ pub struct ProxyConfig {
     pub request_body_idle_timeout: Duration,
     pub max_in_flight_requests: usize,
     pub listen_backlog: u32,
+    pub http1_header_case: crate::http::HeaderCase,
     /// Kubernetes discovery: where the API server is; `None`: off.
     pub kubernetes: Option<ApiServer>,
     /// `--discovery`: with `auto`, a Kubernetes client that cannot be built is a warning, not a
@@ -296,6 +297,7 @@ impl ProxyConfig {
             request_body_idle_timeout: a.request_body_idle_timeout,
             max_in_flight_requests: a.max_in_flight_requests,
             listen_backlog: a.listen_backlog,
+            http1_header_case: a.http1_header_case,
             kubernetes,
             discovery: a.discovery,
             cluster_domain: a.cluster_domain.trim_end_matches('.').to_string(),

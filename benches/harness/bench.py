@@ -8,6 +8,8 @@ core 0; the origin ("app") and every proxy run pinned to core 1, each proxy sing
 Scenarios (interleaved A B A B ... per repetition, after a warm-up):
   direct        no proxy: the floor.
   tern-pair     tern in both pods, transparent (iptables REDIRECT, SO_ORIGINAL_DST), uid 2102.
+  tern-lc-pair  the same with `--http1-header-case lowercase` (names written lowercase, as
+                HAProxy's HTTP mode writes them, instead of keeping their case).
   haproxy-pair  Debian haproxy in both pods in the same position; `server orig 0.0.0.0` makes it
                 connect to the SO_ORIGINAL_DST address (haproxy built with +NETFILTER/+TPROXY).
   haproxy-http-pair
@@ -73,6 +75,7 @@ PORTS = {"http1": 8080, "h2c": 8081, "bulk": 5201, "churn": 8080, "hold": 9000}
 ALL_SCENARIOS = [
     "direct",
     "tern-pair",
+    "tern-lc-pair",
     "tern-mtls-pair",
     "haproxy-pair",
     "haproxy-http-pair",
@@ -453,6 +456,8 @@ class Scenario:
                     cmd += ["--identity-dir", str(ids / ("a" if role == "out" else "b"))]
                     if role == "out":
                         cmd += ["--discovery-file", str(ids / "discovery.yaml")]
+                if self.variant == "lc":
+                    cmd += ["--http1-header-case", "lowercase"]
             else:
                 cmd = [TERN, "proxy", "--workers", "1", "--inbound-addr", f"0.0.0.0:{listen}",
                        "--inbound-target", f"127.0.0.1:{target}",

@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 
 ROLE_NAMES = {"out": "client-side", "in": "server-side", "hop": "single hop"}
-PAIR_ORDER = ["direct", "tern-pair", "haproxy-pair", "haproxy-http-pair", "tern-mtls-pair", "haproxy-mtls-pair"]
+PAIR_ORDER = ["direct", "tern-pair", "tern-lc-pair", "haproxy-pair", "haproxy-http-pair", "tern-mtls-pair", "haproxy-mtls-pair"]
 HOP_ORDER = ["hop-tern", "hop-haproxy", "hop-nginx", "hop-envoy"]
 
 

@@ -29,7 +29,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{BoxBody, BoxError};
+use super::{BoxBody, BoxError, HeaderCase};
 use crate::addr::OrigDstAddr;
 use crate::detect::HttpVersion;
 use crate::error::ConnError;
@@ -70,15 +70,17 @@ pub type UpstreamClient = Client<FixedConnector, BoxBody>;
 #[derive(Debug)]
 pub struct Upstreams {
     connect_timeout: Duration,
+    header_case: HeaderCase,
     clients: Mutex<HashMap<(SocketAddr, HttpVersion), UpstreamClient>>,
     /// HTTP/2 (h2c) upstreams: one connection per address, without the pooled client.
     h2: super::h2_upstream::H2Upstreams,
 }
 
 impl Upstreams {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, header_case: HeaderCase) -> Self {
         Upstreams {
             connect_timeout,
+            header_case,
             clients: Mutex::new(HashMap::new()),
             h2: super::h2_upstream::H2Upstreams::new(connect_timeout),
         }
@@ -102,7 +104,7 @@ impl Upstreams {
         b.pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .http1_preserve_header_case(true)
+            .http1_preserve_header_case(self.header_case.preserve())
             .set_host(false);
         if version == HttpVersion::H2 {
             b.http2_only(true);
@@ -123,6 +125,7 @@ impl Upstreams {
 pub struct ConnClient {
     addr: OrigDstAddr,
     timeout: Duration,
+    header_case: HeaderCase,
     slot: std::sync::Arc<Mutex<Option<Held>>>,
     /// A connection to `addr` made before the first request (a mesh tunnel connects to the app
     /// before it knows it carries HTTP): used instead of connecting anew, once.
@@ -133,10 +136,11 @@ pub struct ConnClient {
 type Held = (SendRequest<BoxBody>, Instant);
 
 impl ConnClient {
-    pub fn new(addr: OrigDstAddr, connect_timeout: Duration) -> Self {
+    pub fn new(addr: OrigDstAddr, connect_timeout: Duration, header_case: HeaderCase) -> Self {
         ConnClient {
             addr,
             timeout: connect_timeout,
+            header_case,
             slot: std::sync::Arc::new(Mutex::new(None)),
             spare: std::sync::Arc::new(Mutex::new(None)),
         }
@@ -144,8 +148,13 @@ impl ConnClient {
 
     /// Like [`ConnClient::new`], with `stream` (already connected to `addr`) as the first
     /// connection.
-    pub fn with_stream(addr: OrigDstAddr, connect_timeout: Duration, stream: TcpStream) -> Self {
-        let c = ConnClient::new(addr, connect_timeout);
+    pub fn with_stream(
+        addr: OrigDstAddr,
+        connect_timeout: Duration,
+        header_case: HeaderCase,
+        stream: TcpStream,
+    ) -> Self {
+        let c = ConnClient::new(addr, connect_timeout, header_case);
         *c.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
         c
     }
@@ -205,7 +214,7 @@ impl ConnClient {
             Some(s) => s,
             None => connect::connect(self.addr, self.timeout).await?,
         };
-        handshake_h1(stream).await
+        handshake_h1(stream, self.header_case).await
     }
 }
 
@@ -307,18 +316,29 @@ impl ConnPool {
     }
 }
 
-/// A new HTTP/1 connection to `addr`, its connection task spawned.
+/// A new HTTP/1 connection to `addr` for a [`ConnPool`], its connection task spawned.
+/// Its requests come off HTTP/2 (the mesh hop) and carry no original case, and its responses go
+/// back over HTTP/2, so it never records header case (a second header map per response).
 async fn connect_h1(
     addr: OrigDstAddr,
     timeout: Duration,
 ) -> Result<SendRequest<BoxBody>, BoxError> {
-    handshake_h1(connect::connect(addr, timeout).await?).await
+    handshake_h1(
+        connect::connect(addr, timeout).await?,
+        HeaderCase::Lowercase,
+    )
+    .await
 }
 
-/// An HTTP/1 client connection over `stream`, its connection task spawned.
-async fn handshake_h1(stream: TcpStream) -> Result<SendRequest<BoxBody>, BoxError> {
+/// An HTTP/1 client connection over `stream`, its connection task spawned; with
+/// [`HeaderCase::Preserve`] a request's recorded header case is written and the response's
+/// recorded.
+async fn handshake_h1(
+    stream: TcpStream,
+    header_case: HeaderCase,
+) -> Result<SendRequest<BoxBody>, BoxError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .preserve_header_case(true)
+        .preserve_header_case(header_case.preserve())
         .handshake(TokioIo::new(stream))
         .await?;
     tokio::spawn(async move {

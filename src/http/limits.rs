@@ -147,6 +147,8 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub max_in_flight: usize,
+    /// `--http1-header-case`: whether HTTP/1 heads keep their header names' case.
+    pub header_case: crate::http::HeaderCase,
     in_flight: Arc<Semaphore>,
     pub metrics: LimitMetrics,
     /// Set when the proxy drains: HTTP connections finish their requests and close.
@@ -168,6 +170,7 @@ impl ServerLimits {
             idle_timeout: config.http_idle_timeout,
             body_idle_timeout: config.request_body_idle_timeout,
             max_in_flight: config.max_in_flight_requests,
+            header_case: config.http1_header_case,
             in_flight: Arc::new(Semaphore::new(config.max_in_flight_requests)),
             metrics,
             shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),

@@ -28,6 +28,29 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every HTTP stage passes on.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// How HTTP/1 header names are written on the way out (`--http1-header-case`).
+///
+/// Names are case-insensitive (RFC 9110), but some old apps match them byte for byte, so by
+/// default the case an HTTP/1 peer wrote reaches the HTTP/1 peer on the other side of a proxy
+/// (DESIGN.md, "Protocol detection"). Keeping it costs hyper a second header map per head and a
+/// lookup per header written: about 7k of a hop's ~43k instructions per request
+/// (benches/README.md, "Header case"). HTTP/2, and so the mesh hop, carries names lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderCase {
+    /// Names keep the case the sender wrote (between HTTP/1 peers of one proxy).
+    Preserve,
+    /// Names are written lowercase, as HTTP/2, Envoy and HAProxy write them.
+    Lowercase,
+}
+
+impl HeaderCase {
+    /// Whether hyper's HTTP/1 builders should record and replay the original case.
+    pub fn preserve(self) -> bool {
+        self == HeaderCase::Preserve
+    }
+}
+
 pub const CLIENT_ID: HeaderName = HeaderName::from_static("tern-client-id");
 pub const TARGET: HeaderName = HeaderName::from_static("tern-target");
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("tern-orig-proto");

@@ -349,3 +349,99 @@ async fn plain_inbound_http_is_measured_and_scrubbed() {
     );
     proxy.stop().await;
 }
+
+/// An HTTP/1 origin over raw bytes: answers every request with a mixed-case response header
+/// and sends each request head it read (verbatim) on the channel.
+async fn raw_origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Response-CaSe: y\r\n\r\nok";
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Header names through a plain pair (client → outbound proxy → inbound proxy → origin), both
+/// ways: kept as the HTTP/1 peers wrote them by default, lowercase with
+/// `--http1-header-case lowercase`.
+#[tokio::test]
+async fn http1_header_case_is_preserved_or_lowercased_across_a_pair() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for case in [
+        crate::http::HeaderCase::Preserve,
+        crate::http::HeaderCase::Lowercase,
+    ] {
+        let (origin, mut heads) = raw_origin().await;
+        let mut sc = ProxyConfig::loopback();
+        sc.inbound_target = TargetMode::Fixed(origin);
+        sc.http1_header_case = case;
+        let server = Running::start(sc, None);
+        let mut cc = ProxyConfig::loopback();
+        cc.outbound_target = TargetMode::Fixed(server.addrs.inbound);
+        cc.http1_header_case = case;
+        let client = Running::start(cc, None);
+
+        let mut s = TcpStream::connect(client.addrs.outbound[0])
+            .await
+            .expect("connect");
+        s.write_all(b"GET /c HTTP/1.1\r\nHost: api\r\nX-MiXeD-Case: 1\r\nuser-agent: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut resp = Vec::new();
+        let mut b = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            while !resp.ends_with(b"ok") {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => resp.extend_from_slice(&b[..n]),
+                }
+            }
+        });
+        read.await.expect("a response within 10 s");
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        let head = tokio::time::timeout(Duration::from_secs(10), heads.recv())
+            .await
+            .expect("the origin saw a request")
+            .expect("a head");
+        let (req_names, resp_name) = match case {
+            crate::http::HeaderCase::Preserve => (
+                ["Host: api", "X-MiXeD-Case: 1", "user-agent: t"],
+                "X-Response-CaSe: y",
+            ),
+            crate::http::HeaderCase::Lowercase => (
+                ["host: api", "x-mixed-case: 1", "user-agent: t"],
+                "x-response-case: y",
+            ),
+        };
+        for want in req_names {
+            assert!(
+                head.contains(want),
+                "{case:?}: {want:?} in the origin's head:\n{head}"
+            );
+        }
+        assert!(resp.starts_with("HTTP/1.1 200"), "{case:?}: {resp}");
+        assert!(
+            resp.contains(resp_name),
+            "{case:?}: {resp_name:?} in the client's response:\n{resp}"
+        );
+        client.stop().await;
+        server.stop().await;
+    }
+}

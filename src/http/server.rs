@@ -8,7 +8,8 @@
 //! ```
 //!
 //! HTTP/1: a head must arrive within `--header-read-timeout` and fit `--max-request-head-bytes`
-//! and `--max-request-headers` (hyper answers 431); header case is preserved; a request with
+//! and `--max-request-headers` (hyper answers 431); header names keep their case unless
+//! `--http1-header-case lowercase` ([`super::HeaderCase`]); a request with
 //! both `Content-Length` and `Transfer-Encoding` is refused by [`super::h1_guard`]. HTTP/2: at
 //! most `--h2-max-concurrent-streams` streams and `--h2-max-header-list-size` bytes of headers,
 //! PINGs every `--h2-keep-alive-interval`, GOAWAY after `--http-idle-timeout` without streams;
@@ -90,7 +91,7 @@ where
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_head_bytes.max(8192))
                 .max_headers(limits.max_headers)
-                .preserve_header_case(true)
+                .preserve_header_case(limits.header_case.preserve())
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);

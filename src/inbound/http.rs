@@ -54,8 +54,13 @@ pub async fn serve_plain(
         dst_service: String::new(),
         route: String::new(),
     };
-    let conn_client = (version == HttpVersion::H1 && allowed)
-        .then(|| h::client::ConnClient::new(app, inbound.config.connect_timeout));
+    let conn_client = (version == HttpVersion::H1 && allowed).then(|| {
+        h::client::ConnClient::new(
+            app,
+            inbound.config.connect_timeout,
+            inbound.config.http1_header_case,
+        )
+    });
     let svc = HttpMetricsLayer::new(inbound.http.clone(), labels).layer(ToApp {
         inbound: inbound.clone(),
         app,
@@ -90,8 +95,14 @@ pub(crate) async fn serve_mesh_tunnel<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let conn_client = (version == HttpVersion::H1)
-        .then(|| h::client::ConnClient::with_stream(app, inbound.config.connect_timeout, app_conn));
+    let conn_client = (version == HttpVersion::H1).then(|| {
+        h::client::ConnClient::with_stream(
+            app,
+            inbound.config.connect_timeout,
+            inbound.config.http1_header_case,
+            app_conn,
+        )
+    });
     let svc = mesh.metrics.layer(ToApp {
         inbound: inbound.clone(),
         app,

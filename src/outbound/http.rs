@@ -104,6 +104,7 @@ pub async fn serve(
         (Target::Plain(dst), HttpVersion::H1, None) => Some(h::client::ConnClient::new(
             *dst,
             outbound.config.connect_timeout,
+            outbound.config.http1_header_case,
         )),
         _ => None,
     };

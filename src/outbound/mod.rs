@@ -144,7 +144,7 @@ impl Outbound {
         own_ports: Vec<u16>,
     ) -> Self {
         Outbound {
-            upstreams: Upstreams::new(config.connect_timeout),
+            upstreams: Upstreams::new(config.connect_timeout, config.http1_header_case),
             config,
             tcp,
             metrics,
