@@ -771,6 +771,8 @@ def versions():
         except Exception:
             return "?"
     v["tern"] = first([TERN, "--version"])
+    # A stale function-order file costs megabytes of idle RSS (benches/README.md).
+    v["tern.order"] = first([str(HARNESS / "orderfile.sh"), "--check"]).split(" are in")[0]
     if TOOLS["haproxy"]:
         v["haproxy"] = first([TOOLS["haproxy"], "-v"])
     if TOOLS["nginx"]:

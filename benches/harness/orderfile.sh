@@ -15,9 +15,21 @@
 # mangled names of the functions in the tern binary that ran: startup first, then the rest, each
 # group in the order of its callgrind file (not significant). Stale names after a code change only
 # lose their effect: lld ignores unknown symbols (build.rs passes --no-warn-symbol-ordering).
+#
+#   benches/harness/orderfile.sh --check   prints how many of the file's names the release binary
+#                                          has (needs nm); regenerate when it falls (a few hundred
+#                                          missing names cost megabytes: benches/README.md,
+#                                          "Keeping the order file fresh"); exit 1 below 95%.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tern=$(realpath "${TERN_BIN:-$here/../../target/release/tern}")
+if [[ ${1:-} == --check ]]; then
+  total=$(sort -u "$here/tern.order" | grep -c . || true)
+  found=$(nm "$tern" | awk '{print $NF}' | sort -u | comm -12 <(sort -u "$here/tern.order") - | grep -c . || true)
+  echo "$found of $total names of tern.order are in $tern ($((100 * found / (total > 0 ? total : 1)))%)"
+  (( total > 0 && found * 20 >= total * 19 ))
+  exit
+fi
 out=${1:-$here/tern.order}
 if [[ ${ORDERFILE_IN_NETNS:-} != 1 ]]; then
   ns=tern-orderfile-$$
