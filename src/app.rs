@@ -132,6 +132,7 @@ impl Proxy {
         let identity = identity.map(Arc::new);
         if let Some(store) = &identity {
             check_identity_matches_pod(&config, store);
+            crate::tls::config::warm_up_random();
         }
         let dns_metrics = discover::dns::DnsMetrics::register(tern);
         let discovery = match &config.discovery_file {

@@ -153,6 +153,8 @@ impl Injector {
 
     /// Serves HTTPS on `tls` and plain HTTP on `admin`, forever.
     pub async fn serve(self, tls: TcpListener, admin: TcpListener) {
+        // The API server's first admission call would otherwise wait for aws-lc's entropy.
+        crate::tls::config::warm_up_random();
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut server = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

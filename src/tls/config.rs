@@ -59,6 +59,17 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER.clone()
 }
 
+/// Draws from the provider's random source once, at start-up. aws-lc seeds its generator
+/// lazily from CPU jitter entropy, which takes ~50 ms of CPU on first use (`perf`:
+/// `tree_jitter_initialize_once`); without this the first mesh handshake pays it, and with it
+/// every request waiting for that connection (benches/README.md, "First-handshake stall").
+pub fn warm_up_random() {
+    let mut seed = [0u8; 32];
+    if let Err(e) = provider().secure_random.fill(&mut seed) {
+        tracing::warn!(error = ?e, "the TLS random source failed at start-up");
+    }
+}
+
 /// The server configuration of the mesh port for `identity`: TLS 1.3, mandatory client
 /// certificates from the bundle whose SPIFFE ID is in `accepted`, ALPN `tern/1`, no resumption.
 pub fn server_config(identity: &Identity, accepted: &TrustDomains) -> Arc<ServerConfig> {
