@@ -772,7 +772,7 @@ def versions():
             return "?"
     v["tern"] = first([TERN, "--version"])
     # A stale function-order file costs megabytes of idle RSS (benches/README.md).
-    v["tern.order"] = first([str(HARNESS / "orderfile.sh"), "--check"]).split(" are in")[0]
+    v["tern.order"] = re.sub(r" are in \S+", "", first([str(HARNESS / "orderfile.sh"), "--check"]))
     if TOOLS["haproxy"]:
         v["haproxy"] = first([TOOLS["haproxy"], "-v"])
     if TOOLS["nginx"]:
