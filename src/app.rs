@@ -434,7 +434,12 @@ async fn accept_loop(
                 .exceeded(crate::http::limits::Limit::connections);
             continue;
         };
-        let span = tracing::info_span!("conn", dir = ?direction, client = %peer);
+        // Debug, not info: an enabled span costs every connection a formatted copy of its
+        // fields in tracing's span registry, whose pooled slots are kept after the connection
+        // ends; at the default level a 1,000-connection burst left ~0.4 MiB of them scattered
+        // over the heap and glibc could not give back the 4.4 MiB around them
+        // (benches/README.md, "Burst memory"). Warnings name their peer themselves.
+        let span = tracing::debug_span!("conn", dir = ?direction, client = %peer);
         let pipeline = pipeline.clone();
         tracker.spawn(
             async move {
