@@ -69,27 +69,22 @@ fn main() {
 
 /// The minor version of the build host's glibc (`getconf GNU_LIBC_VERSION`: `glibc 2.36`).
 fn glibc_minor() -> Option<u32> {
-    let out = Command::new("getconf")
-        .arg("GNU_LIBC_VERSION")
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?;
-    let version = text.split_whitespace().nth(1)?;
-    let mut parts = version.split('.');
-    if parts.next()? != "2" {
-        return None;
-    }
-    parts.next()?.parse().ok()
+    minor_version(Command::new("getconf").arg("GNU_LIBC_VERSION"), "2")
 }
 
 /// The minor version of a `1.x.y` rustc, from `rustc -V`.
 fn rustc_minor(rustc: &str) -> Option<u32> {
     let rustc = if rustc.is_empty() { "rustc" } else { rustc };
-    let out = Command::new(rustc).arg("-V").output().ok()?;
+    minor_version(Command::new(rustc).arg("-V"), "1")
+}
+
+/// `y` of the `major.y[.z]` that is the second word of `cmd`'s output.
+fn minor_version(cmd: &mut Command, major: &str) -> Option<u32> {
+    let out = cmd.output().ok()?;
     let text = String::from_utf8(out.stdout).ok()?;
     let version = text.split_whitespace().nth(1)?;
     let mut parts = version.split('.');
-    if parts.next()? != "1" {
+    if parts.next()? != major {
         return None;
     }
     parts.next()?.parse().ok()

@@ -36,3 +36,18 @@ impl Running {
         self.task.await.expect("join").expect("proxy ran cleanly");
     }
 }
+
+/// Reads one HTTP/1 head from `s` a byte at a time (so nothing after it is consumed), up to
+/// 64 KiB; `None` when the peer closes or errs first.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}

@@ -353,7 +353,7 @@ async fn plain_inbound_http_is_measured_and_scrubbed() {
 /// An HTTP/1 origin over raw bytes: answers every request with a mixed-case response header
 /// and sends each request head it read (verbatim) on the channel.
 async fn raw_origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -361,15 +361,10 @@ async fn raw_origin() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Strin
         while let Ok((mut s, _)) = l.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let Some(head) = crate::testing::read_head(&mut s).await else {
+                    return;
+                };
+                let _ = tx.send(head);
                 let resp = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Response-CaSe: y\r\n\r\nok";
                 let _ = s.write_all(resp.as_bytes()).await;
             });

@@ -314,15 +314,10 @@ async fn recording_app() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<St
         while let Ok((mut s, _)) = l.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
-                    match s.read(&mut b).await {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let Some(head) = crate::testing::read_head(&mut s).await else {
+                    return;
+                };
+                let head = head.to_ascii_lowercase();
                 let upgrade = head.contains("\r\nupgrade: websocket");
                 let _ = tx.send(head);
                 if upgrade {
