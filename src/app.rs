@@ -438,7 +438,9 @@ async fn accept_loop(
         // fields in tracing's span registry, whose pooled slots are kept after the connection
         // ends; at the default level a 1,000-connection burst left ~0.4 MiB of them scattered
         // over the heap and glibc could not give back the 4.4 MiB around them
-        // (benches/README.md, "Burst memory"). Warnings name their peer themselves.
+        // (benches/README.md, "Burst memory"). At the default level, events inside a connection
+        // carry what they name themselves (connect errors name the destination, policy and TLS
+        // warnings the client); `--log debug` adds this span's direction and client address.
         let span = tracing::debug_span!("conn", dir = ?direction, client = %peer);
         let pipeline = pipeline.clone();
         tracker.spawn(
