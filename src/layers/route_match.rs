@@ -33,12 +33,16 @@ pub struct RouteParent {
 #[derive(Debug, Clone)]
 pub struct RouteMatchLayer {
     store: RouteStore,
-    parent: Option<RouteParent>,
+    /// Shared: the stack is cloned for every request, and the name is a `String`.
+    parent: Option<std::sync::Arc<RouteParent>>,
 }
 
 impl RouteMatchLayer {
     pub fn new(store: RouteStore, parent: Option<RouteParent>) -> Self {
-        RouteMatchLayer { store, parent }
+        RouteMatchLayer {
+            store,
+            parent: parent.map(std::sync::Arc::new),
+        }
     }
 }
 
