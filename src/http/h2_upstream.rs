@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
+use super::conn_exec::ConnExec;
 use super::{BoxBody, BoxError};
 use crate::addr::OrigDstAddr;
 use crate::transport::connect;
@@ -71,12 +72,13 @@ impl Slot {
             return Ok(s);
         }
         let stream = connect::connect(addr, timeout).await?;
-        let (sender, conn) = Builder::new(TokioExecutor::new())
+        let exec = ConnExec::new();
+        let (sender, conn) = Builder::new(exec.clone())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = exec.drive(conn).await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
         });

@@ -9,6 +9,7 @@
 //! - `tern-proxy-error`: on a response the proxy generated, why.
 
 pub mod client;
+pub mod conn_exec;
 pub mod conn_timer;
 pub mod h1_guard;
 pub mod h2_upstream;

@@ -26,12 +26,13 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::BoxBody;
+use super::conn_exec::ConnExec;
 use super::conn_timer::ConnTimer;
 use super::h1_guard::H1Guard;
 use super::limits::{IdleTimeoutBody, Limit, Rejected, ServerLimits};
@@ -105,7 +106,8 @@ where
             }
         }
         HttpVersion::H2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let exec = ConnExec::new();
+            let conn = hyper::server::conn::http2::Builder::new(exec.clone())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(limits.h2_max_concurrent_streams)
                 .max_header_list_size(limits.h2_max_header_list_size)
@@ -115,6 +117,7 @@ where
                 .keep_alive_interval(limits.h2_keep_alive_interval)
                 .keep_alive_timeout(limits.h2_keep_alive_timeout)
                 .serve_connection(TokioIo::new(io), svc);
+            let conn = exec.drive(conn);
             tokio::pin!(conn);
             let idle_timeout = limits.idle_timeout;
             let idle_for_too_long = async move {
@@ -140,14 +143,14 @@ where
                     limits.exceeded(Limit::idle_timeout);
                     // GOAWAY; a peer that does not answer the shutdown's PING is dropped (it
                     // has no open stream to lose).
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().conn().graceful_shutdown();
                     match tokio::time::timeout(IDLE_GOAWAY_GRACE, conn).await {
                         Ok(r) => r,
                         Err(_) => Ok(()),
                     }
                 }
                 () = limits.shutting_down() => {
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().conn().graceful_shutdown();
                     conn.await
                 }
                 () = resets.abuse.notified() => {
@@ -156,7 +159,7 @@ where
                     // GOAWAY; new streams are refused by `Hygiene` at once. An attacker need
                     // not answer the shutdown's PING, so the connection is dropped after a
                     // short grace.
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().conn().graceful_shutdown();
                     match tokio::time::timeout(ABUSE_GRACE, conn).await {
                         Ok(r) => r,
                         Err(_) => Ok(()),

@@ -17,7 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -25,6 +25,7 @@ use tokio_rustls::TlsConnector;
 use super::{CONNECTION_WINDOW, MeshMetrics, OpenGuard, PROXY_ERROR_HEADER, STREAM_WINDOW};
 use crate::addr::OrigDstAddr;
 use crate::error::CloseReason;
+use crate::http::conn_exec::ConnExec;
 use crate::http::{BoxBody, empty};
 use crate::metrics::Direction;
 use crate::tls::{ExpectedServer, IdentityStore, MESH_ALPN, PeerId};
@@ -280,7 +281,8 @@ impl MeshClient {
             expected: expected.to_string(),
             source: std::io::Error::other("verified peer has no SPIFFE ID"),
         })?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        let exec = ConnExec::new();
+        let (sender, connection) = http2::Builder::new(exec.clone())
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -293,7 +295,7 @@ impl MeshClient {
         let guard: OpenGuard = self.metrics.opened(Direction::outbound);
         tracing::debug!(peer = %addr, %server_id, "mesh connection established");
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = exec.drive(connection).await {
                 tracing::debug!(peer = %addr, error = %e, "mesh connection ended");
             }
             drop(guard);

@@ -21,13 +21,14 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{CONNECTION_WINDOW, MAX_STREAMS, PROXY_ERROR_HEADER, STREAM_WINDOW};
 use crate::detect::{self, Served};
 use crate::error::{CloseReason, ConnError};
 use crate::forward;
+use crate::http::conn_exec::ConnExec;
 use crate::http::{BoxBody, empty};
 use crate::inbound::Inbound;
 use crate::metrics::{Direction, TcpLabels, Tls};
@@ -53,16 +54,16 @@ where
             Box::pin(async move { Ok(stream(req, client_id, conn, local_ip, inbound).await) });
         fut
     });
-    let result = http2::Builder::new(TokioExecutor::new())
+    let exec = ConnExec::new();
+    let conn = http2::Builder::new(exec.clone())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(std::time::Duration::from_secs(10))
         .keep_alive_timeout(std::time::Duration::from_secs(20))
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
-    if let Err(e) = result {
+        .serve_connection(TokioIo::new(io), svc);
+    if let Err(e) = exec.drive(conn).await {
         tracing::debug!(error = %e, "mesh connection ended");
     }
 }
