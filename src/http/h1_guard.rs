@@ -67,7 +67,12 @@ impl<IO> H1Guard<IO> {
                     // The usual case, a whole head within one read: checked where it lies.
                     let rest = &data[i..];
                     let Some(head) = scan_head(rest, self.limits.max_headers) else {
-                        self.collect_head(data, &mut i);
+                        // Split across reads: collected from its first line on. The empty
+                        // lines before it are skipped here, not one rescan of the read each.
+                        i += empty_lines(rest);
+                        if i < data.len() {
+                            self.collect_head(data, &mut i);
+                        }
                         continue;
                     };
                     if head.end - head.start - 1 > self.limits.max_head_bytes {
@@ -318,14 +323,7 @@ fn scan_head(data: &[u8], max_headers: usize) -> Option<Head> {
             ),
         }
     }
-    let mut start = 0;
-    loop {
-        match &data[start..] {
-            [b'\n', ..] => start += 1,
-            [b'\r', b'\n', ..] => start += 2,
-            _ => break,
-        }
-    }
+    let start = empty_lines(data);
     let mut from = start;
     let mut count = 0;
     let mut plain = true;
@@ -348,6 +346,19 @@ fn scan_head(data: &[u8], max_headers: usize) -> Option<Head> {
         from = nl + 1;
     }
     None
+}
+
+/// The length of the empty lines (`\n` or `\r\n`) `data` starts with: parsers skip them before
+/// a request line.
+fn empty_lines(data: &[u8]) -> usize {
+    let mut start = 0;
+    loop {
+        match &data[start..] {
+            [b'\n', ..] => start += 1,
+            [b'\r', b'\n', ..] => start += 2,
+            _ => return start,
+        }
+    }
 }
 
 /// Whether a complete head (as [`H1Guard`] collected it) is plain (see [`scan_head`]).
@@ -456,6 +467,23 @@ mod tests {
             assert_eq!(diff, vec![end], "step {step}");
             assert_eq!(out[end], 0);
         }
+    }
+
+    #[test]
+    fn empty_lines_before_a_split_head_are_skipped_once() {
+        // Thousands of empty lines, then a head split across two reads whose framing is
+        // ambiguous: still poisoned, and the empty lines pass unchanged.
+        let mut input = b"\r\n".repeat(4000);
+        input.extend_from_slice(
+            b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let first = input.len() - 20;
+        let mut g = guard();
+        let (mut a, mut b) = (input[..first].to_vec(), input[first..].to_vec());
+        g.follow(&mut a);
+        g.follow(&mut b);
+        assert_eq!(a, input[..first]);
+        assert_eq!(b.last(), Some(&0), "the ambiguous head is refused");
     }
 
     #[test]
